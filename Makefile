@@ -1,0 +1,21 @@
+# ublkd developer entry points.  `make check` is the test command of the
+# README and of CI; `make demo` comes with the recovery work.
+PYTHON := .venv/bin/python
+
+.PHONY: check bootstrap unit-test guest-shell clean
+
+check: bootstrap
+	$(PYTHON) -m pytest
+
+bootstrap:
+	./scripts/bootstrap
+
+unit-test: bootstrap
+	$(PYTHON) -m pytest tests/unit
+
+# A guest with a root shell on this terminal (Ctrl-A X quits).
+guest-shell: bootstrap
+	$(PYTHON) -m tests.testbed shell
+
+clean:
+	rm -rf build .venv *.egg-info

@@ -1,0 +1,69 @@
+"""Fixtures for tests that need the real ublk driver and systemd.
+
+One guest boots per test session (`guest`); a failing test gets the paths of
+the guest's console log and journal appended to its report.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.testbed import Guest, GuestConfig, KernelBuild, prepare
+
+CHECKOUT = Path(__file__).resolve().parents[2]
+LOG_ROOT = CHECKOUT / "build" / "testbed"
+KEEP_RUNS = 5
+
+
+def new_run_dir() -> Path:
+    """A log directory for this run; only the newest KEEP_RUNS are kept."""
+    LOG_ROOT.mkdir(parents=True, exist_ok=True)
+    for old in sorted(LOG_ROOT.glob("run-*"))[:-(KEEP_RUNS - 1)]:
+        shutil.rmtree(old, ignore_errors=True)
+    run_dir = LOG_ROOT / time.strftime("run-%Y%m%d-%H%M%S")
+    run_dir.mkdir()
+    return run_dir
+
+
+@pytest.fixture(scope="session")
+def kernel() -> KernelBuild:
+    return prepare()
+
+
+@pytest.fixture(scope="session")
+def guest_logs() -> Path:
+    return new_run_dir()
+
+
+@pytest.fixture(scope="session")
+def guest(kernel: KernelBuild, guest_logs: Path):
+    """The session's guest, with a 1 GiB scratch disk (virtio serial disk0)."""
+    disk = guest_logs / "disk0.img"
+    subprocess.run(["truncate", "-s", "1G", str(disk)], check=True)
+    machine = Guest(kernel, guest_logs, GuestConfig(disks=[disk]))
+    machine.boot()
+    print(
+        f"\nguest booted: {machine.boot_seconds:.1f} s guest uptime, "
+        f"{machine.boot_wall_seconds:.1f} s wall; logs in {guest_logs}",
+        file=sys.stderr,
+    )
+    yield machine
+    machine.shutdown()
+    disk.unlink(missing_ok=True)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    machine = item.funcargs.get("guest") if hasattr(item, "funcargs") else None
+    if report.failed and isinstance(machine, Guest):
+        if machine.agent:
+            machine.save_journal()
+        report.sections.append(("ublkd test bed logs", machine.where_logs_are()))
