@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -19,6 +18,7 @@ from tests.testbed import Guest, GuestConfig, KernelBuild, prepare
 CHECKOUT = Path(__file__).resolve().parents[2]
 LOG_ROOT = CHECKOUT / "build" / "testbed"
 KEEP_RUNS = 5
+BOOTS: list[str] = []  # one line per guest boot, for the terminal summary
 
 
 def new_run_dir() -> Path:
@@ -48,14 +48,18 @@ def guest(kernel: KernelBuild, guest_logs: Path):
     subprocess.run(["truncate", "-s", "1G", str(disk)], check=True)
     machine = Guest(kernel, guest_logs, GuestConfig(disks=[disk]))
     machine.boot()
-    print(
-        f"\nguest booted: {machine.boot_seconds:.1f} s guest uptime, "
-        f"{machine.boot_wall_seconds:.1f} s wall; logs in {guest_logs}",
-        file=sys.stderr,
-    )
     yield machine
     machine.shutdown()
     disk.unlink(missing_ok=True)
+    BOOTS.append(
+        f"session guest: {machine.boots} boot(s), last {machine.boot_seconds:.1f} s guest "
+        f"uptime / {machine.boot_wall_seconds:.1f} s wall to agent ready; logs in {guest_logs}"
+    )
+
+
+def pytest_terminal_summary(terminalreporter):
+    for line in BOOTS:
+        terminalreporter.write_line(line)
 
 
 @pytest.hookimpl(hookwrapper=True)
