@@ -1,0 +1,235 @@
+"""Config parsing and validation: every rule, and what each message tells the user."""
+
+import json
+import re
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from ublkd import config
+from ublkd.config import DeviceConfig, load_config, parse_config, parse_size, validate_name
+from ublkd.errors import ConfigError
+
+SOURCE = Path("/etc/ublkd/vol0.toml")
+FILE_BACKEND = 'backend = "file"\npath = "/srv/vol0.img"\n'
+NULL_BACKEND = 'backend = "null"\nsize = "1GiB"\n'
+
+
+def parse(text: str) -> DeviceConfig:
+    return parse_config("vol0", text, SOURCE)
+
+
+def config_error(text: str) -> str:
+    """The message of the ConfigError that `text` raises; every one names the file."""
+    with pytest.raises(ConfigError) as caught:
+        parse(text)
+    message = str(caught.value)
+    assert message.startswith(f"{SOURCE}: ")
+    return message
+
+
+def test_file_backend_defaults():
+    assert parse(FILE_BACKEND) == DeviceConfig(
+        name="vol0", backend="file", path=Path("/srv/vol0.img"), size=None, queues=1,
+        queue_depth=128, logical_block_size=512, recovery="reissue", dev_id=None,
+        on_give_up="delete", source=SOURCE)
+
+
+def test_every_key_set():
+    parsed = parse(FILE_BACKEND + 'size = "2GiB"\nqueues = 4\nqueue_depth = 64\n'
+                   'logical_block_size = 4096\nrecovery = "abort"\nid = 7\n'
+                   'on_give_up = "keep"\n')
+    assert (parsed.size, parsed.queues, parsed.queue_depth, parsed.logical_block_size,
+            parsed.recovery, parsed.dev_id, parsed.on_give_up) == (
+        2 * 2**30, 4, 64, 4096, "abort", 7, "keep")
+
+
+def test_null_backend_takes_size_and_no_path():
+    parsed = parse(NULL_BACKEND)
+    assert (parsed.backend, parsed.path, parsed.size) == ("null", None, 2**30)
+
+
+@pytest.mark.parametrize("value, expected", [
+    ('"1GiB"', 2**30), ('"1G"', 2**30), ('"512MiB"', 512 * 2**20), ('"100M"', 100 * 2**20),
+    ('"4096"', 4096), ("4096", 4096), ('"4096B"', 4096), ('"8K"', 8192), ('"8KiB"', 8192),
+    ('"2T"', 2 * 2**40), ('"1TiB"', 2**40), ('"1.5 GiB"', 3 * 2**29), ('"1g"', 2**30),
+    ('"1KB"', 1000), ('"1MB"', 10**6), ('"1GB"', 10**9), ('"1TB"', 10**12),
+])
+def test_size_units(value, expected):
+    # Decoded by TOML first, so parse_size gets what a file would give it.
+    assert parse_size(tomllib.loads(f"size = {value}")["size"], SOURCE, "size") == expected
+
+
+@pytest.mark.parametrize("value, problem", [
+    ('""', "is not a size"), ('"big"', "is not a size"), ('"-1G"', "is not a size"),
+    ('"1XB"', 'unknown unit "XB"'), ('"1.3K"', "not a whole number of bytes"),
+    ("0", "not greater than 0"), ('"0GiB"', "not greater than 0"), ("-512", "not greater than 0"),
+    ("1.5", "is a float"), ("true", "is a boolean"), ("[1]", "is an array"),
+])
+def test_bad_sizes_say_the_units(value, problem):
+    message = config_error(f'backend = "null"\nsize = {value}\n')
+    assert f"key 'size' = {value}" in message and problem in message
+    assert "K/KiB" in message and "KB" in message and '"1GiB"' in message
+
+
+@pytest.mark.parametrize("size, block, nearest", [
+    ('"1000"', 512, "use 512 or 1024"), ("100", 512, "use 512"),
+    ('"6K"', 4096, "use 4096 or 8192"),
+])
+def test_size_must_be_a_multiple_of_the_block_size(size, block, nearest):
+    message = config_error(f'backend = "null"\nsize = {size}\nlogical_block_size = {block}\n')
+    assert f"not a multiple of logical_block_size ({block})" in message
+    assert message.endswith(nearest)
+
+
+def test_unknown_key_is_named_with_a_suggestion_and_the_known_keys():
+    message = config_error(NULL_BACKEND + "queus = 2\n")
+    assert "key 'queus' is unknown; did you mean 'queues'?" in message
+    assert "known keys: backend, id, logical_block_size, on_give_up, path," in message
+
+
+def test_tables_are_unknown_keys():
+    assert "key 'extra' is unknown" in config_error(NULL_BACKEND + "[extra]\na = 1\n")
+
+
+@pytest.mark.parametrize("key, value, problem, allowed", [
+    ("queues", "0", "is out of range", "use an integer from 1 to 64"),
+    ("queues", "65", "is out of range", "use an integer from 1 to 64"),
+    ("queues", '"4"', "is a string", "use an integer from 1 to 64"),
+    ("queues", "true", "is a boolean", "use an integer from 1 to 64"),
+    ("queues", "2.0", "is a float", "use an integer from 1 to 64"),
+    ("queue_depth", "4097", "is out of range", "use an integer from 1 to 4096"),
+    ("queue_depth", "0", "is out of range", "use an integer from 1 to 4096"),
+    ("id", "-1", "is out of range", "use an integer from 0 to 1048575"),
+    ("id", "1048576", "is out of range", "use an integer from 0 to 1048575"),
+    ("id", "false", "is a boolean", "use an integer from 0 to 1048575"),
+    ("logical_block_size", "1000", "is not allowed", "use 512, 1024, 2048 or 4096"),
+    ("logical_block_size", '"512"', "is a string", "use 512, 1024, 2048 or 4096"),
+    ("logical_block_size", "true", "is a boolean", "use 512, 1024, 2048 or 4096"),
+    ("recovery", '"fast"', "is not allowed", 'use "reissue", "abort" or "none"'),
+    ("recovery", "1", "is an integer", 'use "reissue", "abort" or "none"'),
+    ("on_give_up", '"restart"', "is not allowed", 'use "keep" or "delete"'),
+])
+def test_bad_values_name_key_value_and_what_is_allowed(key, value, problem, allowed):
+    message = config_error(NULL_BACKEND + f"{key} = {value}\n")
+    assert message == f"{SOURCE}: key '{key}' = {value} {problem}; {allowed}"
+
+
+def test_backend_is_required_and_checked():
+    assert "key 'backend' is missing; use \"file\" or \"null\"" in config_error("size = 4096\n")
+    assert "key 'backend' = \"nbd\" is not allowed" in config_error('backend = "nbd"\n')
+
+
+def test_file_backend_needs_an_absolute_path():
+    assert "key 'path' is missing" in config_error('backend = "file"\n')
+    message = config_error('backend = "file"\npath = "vol0.img"\n')
+    assert "key 'path' = \"vol0.img\" is not absolute" in message and "absolute path" in message
+    assert "key 'path' = 3 is an integer" in config_error('backend = "file"\npath = 3\n')
+
+
+def test_null_backend_refuses_a_path_and_needs_a_size():
+    message = config_error(NULL_BACKEND + 'path = "/srv/vol0.img"\n')
+    assert "key 'path' is not allowed with backend = \"null\"" in message
+    assert "remove it" in message
+    message = config_error('backend = "null"\n')
+    assert "key 'size' is missing" in message and '"1GiB"' in message
+
+
+def test_toml_syntax_error_gives_line_and_column():
+    message = config_error('backend = "null"\nsize = = 1\n')
+    assert "not valid TOML" in message and "line 2" in message and "column" in message
+
+
+@pytest.mark.parametrize("name", ["vol0", "a", "A-b_c.d", "9" * 64, "db.data-1"])
+def test_valid_names(name):
+    assert validate_name(name) == name
+
+
+@pytest.mark.parametrize("name, problem", [
+    ("", "is empty"), ("x" * 65, "is 65 characters long"), ("-vol", "starts with '-'"),
+    (".vol", "starts with '.'"), ("_vol", "starts with '_'"), ("a/b", "contains '/'"),
+    ("a..b", "contains '..'"), ("vol 0", "contains ' '"), ("vol@0", "contains '@'"),
+    ("völ", "contains 'ö'"),
+])
+def test_invalid_names_explain_the_rule(name, problem):
+    with pytest.raises(ConfigError) as caught:
+        validate_name(name)
+    message = str(caught.value)
+    assert f"device name {name!r} is invalid: it {problem}" in message
+    assert "ublkd@NAME" in message and "NAME.toml" in message
+
+
+def test_parse_config_checks_the_name():
+    with pytest.raises(ConfigError, match="device name '../x' is invalid"):
+        parse_config("../x", NULL_BACKEND, SOURCE)
+
+
+def test_load_config_reads_from_the_env_directory(tmp_path, monkeypatch):
+    monkeypatch.setenv("UBLKD_CONF_DIR", str(tmp_path))
+    (tmp_path / "vol0.toml").write_text(NULL_BACKEND)
+    assert config.conf_dir() == tmp_path
+    assert load_config("vol0").source == tmp_path / "vol0.toml"
+
+
+def test_conf_dir_default(monkeypatch):
+    monkeypatch.delenv("UBLKD_CONF_DIR", raising=False)
+    assert config.conf_dir() == Path("/etc/ublkd")
+
+
+def test_missing_config_file_says_how_to_create_one(tmp_path):
+    with pytest.raises(ConfigError) as caught:
+        load_config("vol0", tmp_path)
+    message = str(caught.value)
+    assert message.startswith(f"{tmp_path / 'vol0.toml'}: no config file for device 'vol0'")
+    assert "/usr/share/doc/ublkd/examples/vol0.toml" in message
+    assert "conf/vol0.toml.example" in message
+
+
+def test_unreadable_config_files(tmp_path):
+    (tmp_path / "bin.toml").write_bytes(b'backend = "\xff"\n')
+    with pytest.raises(ConfigError, match="bin.toml: not UTF-8"):
+        load_config("bin", tmp_path)
+    (tmp_path / "dir.toml").mkdir()
+    with pytest.raises(ConfigError, match="dir.toml: cannot read it"):
+        load_config("dir", tmp_path)
+
+
+def test_load_config_refuses_a_bad_name_before_touching_files(tmp_path):
+    (tmp_path / "x.toml").write_text(NULL_BACKEND)
+    with pytest.raises(ConfigError, match="invalid"):
+        load_config("../" + tmp_path.name + "/x", tmp_path)
+
+
+@pytest.mark.parametrize("text", [FILE_BACKEND, NULL_BACKEND + "id = 3\n"])
+def test_dict_round_trip_through_json(text):
+    parsed = parse(text)
+    data = json.loads(json.dumps(parsed.to_dict()))
+    assert DeviceConfig.from_dict(data) == parsed
+
+
+@pytest.mark.parametrize("change, problem", [
+    ({"queues": "1"}, "config field 'queues' is \"1\", expected int"),
+    ({"queues": True}, "config field 'queues' is true"),
+    ({"path": 5}, "config field 'path' is 5"),
+    ({"extra": 1}, "config fields missing: none, unknown: extra"),
+])
+def test_from_dict_rejects_what_to_dict_never_writes(change, problem):
+    data = {**parse(FILE_BACKEND).to_dict(), **change}
+    with pytest.raises(ValueError, match=re.escape(problem)):
+        DeviceConfig.from_dict(data)
+
+
+def test_from_dict_rejects_a_missing_field():
+    data = parse(FILE_BACKEND).to_dict()
+    del data["queues"]
+    with pytest.raises(ValueError, match="config fields missing: queues, unknown: none"):
+        DeviceConfig.from_dict(data)
+
+
+@pytest.mark.parametrize("n, text", [
+    (0, "0 B"), (512, "512 B"), (1023, "1023 B"), (1024, "1 KiB"), (1536 * 1024, "1.5 MiB"),
+    (2**30, "1 GiB"), (2**30 + 2**20, "1 GiB"), (3 * 2**40, "3 TiB"), (2**50, "1024 TiB"),
+])
+def test_format_size(n, text):
+    assert config.format_size(n) == text

@@ -1,0 +1,319 @@
+"""Device config: /etc/ublkd/NAME.toml, parsed and validated into a DeviceConfig.
+
+Everything is checked here, before any kernel object exists, so that a
+mistake in the file shows up as one message naming the file, the key, the
+value given and what is allowed, never as an errno from the kernel later.
+"""
+
+import difflib
+import json
+import os
+import re
+import tomllib
+from dataclasses import asdict, dataclass, fields
+from fractions import Fraction
+from pathlib import Path
+from typing import TypeVar
+
+from ublkd.errors import ConfigError
+
+DEFAULT_CONF_DIR = Path("/etc/ublkd")
+EXAMPLE_CONFIG = "/usr/share/doc/ublkd/examples/vol0.toml"
+SOURCE_EXAMPLE_CONFIG = "conf/vol0.toml.example"
+
+KNOWN_KEYS = (
+    "backend", "id", "logical_block_size", "on_give_up", "path",
+    "queue_depth", "queues", "recovery", "size",
+)
+BACKENDS = ("file", "null")
+RECOVERY_MODES = ("reissue", "abort", "none")
+GIVE_UP_ACTIONS = ("keep", "delete")
+BLOCK_SIZES = (512, 1024, 2048, 4096)
+MAX_QUEUES = 64
+MAX_QUEUE_DEPTH = 4096
+# The kernel numbers ublk devices below UBLK_MAX_UBLKS (1 << 20, its minor space).
+MAX_DEV_ID = 2**20 - 1
+
+NAME_MAX = 64
+_NAME_CHARS = re.compile(r"[A-Za-z0-9_.-]")
+_SIZE_RE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*")
+_SIZE_UNITS = {
+    "": 1, "B": 1,
+    "K": 2**10, "KIB": 2**10, "M": 2**20, "MIB": 2**20,
+    "G": 2**30, "GIB": 2**30, "T": 2**40, "TIB": 2**40,
+    "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+}
+_SIZE_HELP = (
+    'use an integer number of bytes or a string with a unit: B, K/KiB, M/MiB, '
+    'G/GiB, T/TiB (powers of 1024) or KB, MB, GB, TB (powers of 1000), e.g. "1GiB"'
+)
+_FORMAT_UNITS = ("B", "KiB", "MiB", "GiB", "TiB")
+_KINDS = {bool: "a boolean", int: "an integer", float: "a float", str: "a string",
+          list: "an array", dict: "a table"}
+
+Choice = TypeVar("Choice", str, int)
+
+
+@dataclass(frozen=True)
+class DeviceConfig:
+    """One device's validated config; `source` is the file it came from."""
+
+    name: str
+    backend: str
+    path: Path | None
+    size: int | None
+    queues: int
+    queue_depth: int
+    logical_block_size: int
+    recovery: str
+    dev_id: int | None
+    on_give_up: str
+    source: Path
+
+    def to_dict(self) -> dict[str, object]:
+        """A JSON-friendly copy, kept in the state file so recovery serves what was created."""
+        data = asdict(self)
+        data["path"] = None if self.path is None else str(self.path)
+        data["source"] = str(self.source)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, object]) -> "DeviceConfig":
+        """Rebuild what to_dict() made.
+
+        Raises ValueError saying which field is missing or of the wrong type;
+        the state loader adds the file's path and the fix.
+        """
+        names = {field.name for field in fields(cls)}
+        missing, unknown = sorted(names - set(data)), sorted(set(data) - names)
+        if missing or unknown:
+            raise ValueError(f"config fields missing: {', '.join(missing) or 'none'}, "
+                             f"unknown: {', '.join(unknown) or 'none'}")
+        values = dict(data)
+        for key in ("path", "source"):
+            if isinstance(values[key], str):
+                values[key] = Path(values[key])
+        config = cls(**values)
+        for field in fields(cls):
+            value = getattr(config, field.name)
+            if isinstance(value, bool) or not isinstance(value, field.type):
+                raise ValueError(f"config field '{field.name}' is {_show(data[field.name])}, "
+                                 f"expected {getattr(field.type, '__name__', field.type)}")
+        return config
+
+
+def conf_dir() -> Path:
+    """The config directory: $UBLKD_CONF_DIR if set (tests, trying things out), else /etc/ublkd."""
+    return Path(os.environ.get("UBLKD_CONF_DIR") or DEFAULT_CONF_DIR)
+
+
+def validate_name(name: str) -> str:
+    """Return `name` if it can name a device, else raise ConfigError saying why.
+
+    The name becomes the systemd instance ublkd@NAME and the file names
+    NAME.toml and NAME.json, so it must be safe as both: no '/', no '..'.
+    """
+    problem = _name_problem(name)
+    if problem:
+        raise ConfigError(
+            f"device name {name!r} is invalid: {problem}; the name is the systemd instance "
+            f"ublkd@NAME and the config file NAME.toml, so use 1 to {NAME_MAX} letters, "
+            "digits, '_', '.' or '-', starting with a letter or digit, e.g. vol0")
+    return name
+
+
+def _name_problem(name: str) -> str | None:
+    """What is wrong with a device name, or None."""
+    if not name:
+        return "it is empty"
+    if len(name) > NAME_MAX:
+        return f"it is {len(name)} characters long"
+    if not (name[0].isascii() and name[0].isalnum()):
+        return f"it starts with {name[0]!r}"
+    bad = sorted(set(_NAME_CHARS.sub("", name)))
+    if bad:
+        return f"it contains {', '.join(map(repr, bad))}"
+    if ".." in name:
+        return "it contains '..'"
+    return None
+
+
+def load_config(name: str, directory: Path | None = None) -> DeviceConfig:
+    """Read and validate NAME.toml from `directory` (default: conf_dir())."""
+    validate_name(name)
+    source = (directory or conf_dir()) / f"{name}.toml"
+    try:
+        text = source.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(
+            f"{source}: no config file for device '{name}'; create one, e.g. copy "
+            f"{EXAMPLE_CONFIG} ({SOURCE_EXAMPLE_CONFIG} in the source tree) to {source} "
+            "and set its path and size") from None
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"{source}: not UTF-8 text ({error.reason} at byte {error.start}); "
+                          "TOML files must be UTF-8") from None
+    except OSError as error:
+        raise ConfigError(f"{source}: cannot read it ({error.strerror}); "
+                          "check that it is a file readable by root") from None
+    return parse_config(name, text, source)
+
+
+def parse_config(name: str, text: str, source: Path) -> DeviceConfig:
+    """Validate the TOML `text` of device `name`; `source` names the file in messages."""
+    validate_name(name)
+    try:
+        table = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigError(f"{source}: not valid TOML: {error}") from None
+    _check_keys(table, source)
+    backend = _choice(table, "backend", BACKENDS, None, source)
+    block_size = _choice(table, "logical_block_size", BLOCK_SIZES, 512, source)
+    return DeviceConfig(
+        name=name,
+        backend=backend,
+        path=_backing_path(table, backend, source),
+        size=_device_size(table, backend, block_size, source),
+        queues=_integer(table, "queues", 1, MAX_QUEUES, 1, source),
+        queue_depth=_integer(table, "queue_depth", 1, MAX_QUEUE_DEPTH, 128, source),
+        logical_block_size=block_size,
+        recovery=_choice(table, "recovery", RECOVERY_MODES, "reissue", source),
+        dev_id=_integer(table, "id", 0, MAX_DEV_ID, None, source),
+        on_give_up=_choice(table, "on_give_up", GIVE_UP_ACTIONS, "delete", source),
+        source=source,
+    )
+
+
+def parse_size(value: object, source: Path, key: str) -> int:
+    """Bytes from an integer or a string like "1GiB", "100M", "1.5 GiB" or "4096".
+
+    Units are binary like truncate(1) (K = KiB = 1024), KB/MB/GB/TB are
+    decimal; case does not matter. The result must be a whole number > 0.
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise _invalid(source, key, value, f"is {_kind(value)}", _SIZE_HELP)
+    if isinstance(value, int):
+        size = value
+    else:
+        match = _SIZE_RE.fullmatch(value)
+        if not match:
+            raise _invalid(source, key, value, "is not a size", _SIZE_HELP)
+        number, unit = match.groups()
+        if unit.upper() not in _SIZE_UNITS:
+            raise _invalid(source, key, value, f'has an unknown unit "{unit}"', _SIZE_HELP)
+        exact = Fraction(number) * _SIZE_UNITS[unit.upper()]
+        if exact.denominator != 1:
+            raise _invalid(source, key, value, "is not a whole number of bytes", _SIZE_HELP)
+        size = int(exact)
+    if size <= 0:
+        raise _invalid(source, key, value, "is not greater than 0", _SIZE_HELP)
+    return size
+
+
+def format_size(n: int) -> str:
+    """A size for people: "512 B", "1 GiB", "1.5 MiB" (two decimals at most)."""
+    exponent = 0
+    while exponent < len(_FORMAT_UNITS) - 1 and n >= 1024 ** (exponent + 1):
+        exponent += 1
+    number = f"{n / 1024 ** exponent:.2f}".rstrip("0").rstrip(".")
+    return f"{number} {_FORMAT_UNITS[exponent]}"
+
+
+def _check_keys(table: dict[str, object], source: Path) -> None:
+    """Reject unknown keys: a typo must not silently fall back to a default."""
+    for key in table:
+        if key not in KNOWN_KEYS:
+            close = difflib.get_close_matches(key, KNOWN_KEYS, n=1)
+            hint = f"did you mean '{close[0]}'? " if close else ""
+            raise ConfigError(f"{source}: key '{key}' is unknown; {hint}"
+                              f"known keys: {', '.join(KNOWN_KEYS)}")
+
+
+def _choice(table: dict[str, object], key: str, choices: tuple[Choice, ...],
+            default: Choice | None, source: Path) -> Choice:
+    """The value of `key`, one of `choices`; a default of None means the key is required."""
+    value = table.get(key, default)
+    allowed = f"use {_alternatives(choices)}"
+    if value is None:
+        raise ConfigError(f"{source}: key '{key}' is missing; {allowed}")
+    if type(value) is not type(choices[0]):
+        raise _invalid(source, key, value, f"is {_kind(value)}", allowed)
+    if value not in choices:
+        raise _invalid(source, key, value, "is not allowed", allowed)
+    return value
+
+
+def _integer(table: dict[str, object], key: str, low: int, high: int, default: int | None,
+             source: Path) -> int | None:
+    """The integer value of `key` within low..high, or `default` when absent."""
+    value = table.get(key, default)
+    allowed = f"use an integer from {low} to {high}"
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _invalid(source, key, value, f"is {_kind(value)}", allowed)
+    if not low <= value <= high:
+        raise _invalid(source, key, value, "is out of range", allowed)
+    return value
+
+
+def _backing_path(table: dict[str, object], backend: str, source: Path) -> Path | None:
+    """The absolute path of the backing file: required for "file", refused for "null"."""
+    value = table.get("path")
+    if backend == "null":
+        if value is not None:
+            raise ConfigError(f'{source}: key \'path\' is not allowed with backend = "null", '
+                              'which has no backing file; remove it or use backend = "file"')
+        return None
+    allowed = 'use the absolute path of the backing file or block device, e.g. "/srv/vol0.img"'
+    if value is None:
+        raise ConfigError(f'{source}: key \'path\' is missing, and backend = "file" needs it; '
+                          f"{allowed}")
+    if not isinstance(value, str):
+        raise _invalid(source, "path", value, f"is {_kind(value)}", allowed)
+    if not os.path.isabs(value):
+        raise _invalid(source, "path", value,
+                       "is not absolute (the daemon runs in / under systemd)", allowed)
+    return Path(value)
+
+
+def _device_size(table: dict[str, object], backend: str, block_size: int,
+                 source: Path) -> int | None:
+    """The size in bytes, a multiple of the block size; None lets "file" use the file's size."""
+    value = table.get("size")
+    if value is None:
+        if backend == "null":
+            raise ConfigError(f'{source}: key \'size\' is missing; backend = "null" has no '
+                              f'file to take its size from; {_SIZE_HELP}')
+        return None
+    size = parse_size(value, source, "size")
+    if size % block_size:
+        lower = size - size % block_size
+        nearest = [n for n in (lower, lower + block_size) if n > 0]
+        raise _invalid(source, "size", value,
+                       f"({size} bytes) is not a multiple of logical_block_size ({block_size})",
+                       f"use {_alternatives(tuple(nearest))}")
+    return size
+
+
+def _invalid(source: Path, key: str, value: object, problem: str, allowed: str) -> ConfigError:
+    """The one shape of a bad-value message: file, key, value given, problem, what is allowed."""
+    return ConfigError(f"{source}: key '{key}' = {_show(value)} {problem}; {allowed}")
+
+
+def _show(value: object) -> str:
+    """`value` roughly as it was written in TOML (strings quoted, booleans lower case)."""
+    try:
+        return json.dumps(value)
+    except TypeError:
+        return str(value)
+
+
+def _kind(value: object) -> str:
+    """The TOML type of `value`, for "is a string" messages."""
+    return _KINDS.get(type(value), "a date/time")
+
+
+def _alternatives(choices: tuple[Choice, ...]) -> str:
+    """'"a", "b" or "c"': the allowed values as they would be written in TOML."""
+    shown = [_show(choice) for choice in choices]
+    return shown[0] if len(shown) == 1 else f"{', '.join(shown[:-1])} or {shown[-1]}"
