@@ -2,7 +2,7 @@
 # README and of CI; `make demo` comes with the recovery work.
 PYTHON := .venv/bin/python
 
-.PHONY: check bootstrap unit-test guest-shell clean
+.PHONY: check bootstrap unit-test guest-shell bench clean
 
 check: bootstrap
 	$(PYTHON) -m pytest
@@ -19,3 +19,7 @@ guest-shell: bootstrap
 
 clean:
 	rm -rf build .venv *.egg-info
+
+# fio in the guest: ublkd against loop and null_blk (see benchmarks/bench.py).
+bench: bootstrap
+	$(PYTHON) -m benchmarks.bench

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.guest.serving import STATE_DIR, leftovers
 from tests.testbed import Guest, GuestConfig, KernelBuild, prepare
 
 CHECKOUT = Path(__file__).resolve().parents[2]
@@ -55,6 +56,17 @@ def guest(kernel: KernelBuild, guest_logs: Path):
         f"session guest: {machine.boots} boot(s), last {machine.boot_seconds:.1f} s guest "
         f"uptime / {machine.boot_wall_seconds:.1f} s wall to agent ready; logs in {guest_logs}"
     )
+
+
+@pytest.fixture
+def clean_guest(guest):
+    """Each test starts and ends with no ublk device, state or backing file."""
+    yield guest
+    guest.run("umount -q /mnt/vol0 2>/dev/null; umount -q /mnt/disk0 2>/dev/null; true")
+    remaining = leftovers(guest)
+    guest.run(f"pkill -TERM -f '[u]blkd serve' ; sleep 1; rm -f /var/tmp/*.img /etc/ublkd/*.toml; "
+              f"rm -rf {STATE_DIR}; true")
+    assert remaining == "", f"left behind: {remaining}"
 
 
 def pytest_terminal_summary(terminalreporter):

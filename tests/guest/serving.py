@@ -1,0 +1,95 @@
+"""Run `ublkd serve` in the guest the way a user would, and look at the result.
+
+The daemon runs as one long agent request in a host thread, so the test
+gets its exit code and output when it ends, while other requests go on.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+
+from tests.testbed import Guest, Result
+
+CHECKOUT = Path(__file__).resolve().parents[2]
+UBLKD = str(CHECKOUT / ".venv" / "bin" / "ublkd")
+CONF_DIR = "/etc/ublkd"
+STATE_DIR = "/var/lib/ublkd"
+
+
+def ublkd(guest: Guest, *args: str, check: bool = True, **kwargs) -> Result:
+    """Run the ublkd command in the guest."""
+    return guest.run([UBLKD, *args], check=check, **kwargs)
+
+
+def write_config(guest: Guest, name: str, text: str) -> None:
+    guest.write_file(f"{CONF_DIR}/{name}.toml", text)
+
+
+def fio_jobs(result: Result) -> list[dict]:
+    """The jobs of fio's JSON output; fio may print warnings before it."""
+    return json.loads(result.stdout[result.stdout.index("{"):])["jobs"]
+
+
+def device_status(guest: Guest, name: str) -> dict | None:
+    result = ublkd(guest, "status", name, "--json", check=False)
+    return json.loads(result.stdout) if result.rc == 0 else None
+
+
+class ServedDevice:
+    """`ublkd serve NAME` running in the guest."""
+
+    def __init__(self, guest: Guest, name: str):
+        self.guest = guest
+        self.name = name
+        self.result: Result | None = None
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.status: dict = {}
+
+    def _serve(self) -> None:
+        self.result = ublkd(self.guest, "serve", self.name, check=False, timeout=3600)
+
+    def start(self, timeout: float = 120) -> "ServedDevice":
+        """Start and wait until the device is LIVE; raises with the daemon's output if not."""
+        self.thread.start()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            status = device_status(self.guest, self.name)
+            if status and status["state"] == "LIVE":
+                self.status = status
+                self.guest.run(f"udevadm settle; test -b {self.path}")
+                return self
+            if not self.thread.is_alive():
+                raise AssertionError(f"ublkd serve {self.name} ended early:\n"
+                                     f"{self.result.describe()}")
+            time.sleep(0.5)
+        raise AssertionError(f"{self.name} not LIVE after {timeout} s")
+
+    @property
+    def dev_id(self) -> int:
+        return self.status["id"]
+
+    @property
+    def path(self) -> str:
+        return f"/dev/ublkb{self.dev_id}"
+
+    @property
+    def pid(self) -> int:
+        return self.status["pid"]
+
+    def stop(self, timeout: float = 120) -> Result:
+        """SIGTERM, as systemctl stop would send; returns the daemon's result."""
+        self.guest.run(f"kill -TERM {self.pid}")
+        self.thread.join(timeout)
+        assert not self.thread.is_alive(), f"ublkd serve {self.name} ignored SIGTERM"
+        return self.result
+
+
+def leftovers(guest: Guest) -> str:
+    """What a failed or stopped daemon must not leave: devices, state files."""
+    return guest.run(
+        f"ls /sys/class/ublk-char/ 2>/dev/null; ls /dev/ | grep '^ublk[bc]' ; "
+        f"ls {STATE_DIR} 2>/dev/null; true"
+    ).stdout.strip()

@@ -1,0 +1,82 @@
+"""Bad input gets a clear error, a non-zero exit code, and leaves nothing behind."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.guest.serving import UBLKD, ServedDevice, leftovers, ublkd, write_config
+
+
+def serve_fails(guest, name: str, exit_code: int, *needles: str) -> str:
+    result = ublkd(guest, "serve", name, check=False, timeout=120)
+    assert result.rc == exit_code, result.describe()
+    for needle in needles:
+        assert needle in result.stderr, result.describe()
+    assert leftovers(guest) == ""
+    return result.stderr
+
+
+@pytest.mark.parametrize(
+    "config, exit_code, needles",
+    [
+        ('backend = "floppy"\n', 2, ["/etc/ublkd/bad.toml", "backend", "floppy", "file"]),
+        ('backend = "file"\npath = "/var/tmp/absent.img"\n', 6,
+         ["/var/tmp/absent.img", "does not exist", "size"]),
+        ('backend = "null"\nsize = "1000"\n', 2, ["size", "512"]),
+        ('backend = "null"\nsize = "1GiB"\nqueus = 2\n', 2, ["queus", "unknown"]),
+        ('backend = "null"\nsize = "1GiB"\nqueues = "two"\n', 2, ["queues"]),
+    ],
+    ids=["unknown-backend", "missing-file-without-size", "size-not-block-multiple",
+         "unknown-key", "wrong-type"],
+)
+def test_bad_config_is_refused(clean_guest, config, exit_code, needles):
+    write_config(clean_guest, "bad", config)
+    serve_fails(clean_guest, "bad", exit_code, *needles)
+
+
+def test_missing_config_names_the_file(clean_guest):
+    serve_fails(clean_guest, "nosuch", 2, "/etc/ublkd/nosuch.toml")
+
+
+def test_backing_file_too_small(clean_guest):
+    clean_guest.run("truncate -s 1M /var/tmp/small.img")
+    write_config(clean_guest, "small",
+                 'backend = "file"\npath = "/var/tmp/small.img"\nsize = "8MiB"\n')
+    serve_fails(clean_guest, "small", 6, "/var/tmp/small.img", "smaller than", "truncate")
+
+
+@pytest.mark.parametrize("name", ["../etc", "a/b", ".."])
+def test_bad_names_are_refused(clean_guest, name):
+    serve_fails(clean_guest, name, 2, "ublkd@")
+
+
+def test_taken_id_is_refused_and_the_owner_keeps_running(clean_guest):
+    guest = clean_guest
+    write_config(guest, "first", 'backend = "null"\nsize = "64MiB"\nid = 7\n')
+    write_config(guest, "second", 'backend = "null"\nsize = "64MiB"\nid = 7\n')
+    first = ServedDevice(guest, "first").start()
+    assert first.dev_id == 7
+    result = ublkd(guest, "serve", "second", check=False)
+    assert result.rc == 5 and "id = 7 is taken" in result.stderr, result.describe()
+    assert guest.run("test -e /var/lib/ublkd/second.json", check=False).rc == 1
+    assert ublkd(guest, "status", "first", "--json").stdout.count('"LIVE"') == 1
+    first.stop()
+
+
+def test_driver_not_loaded_says_modprobe(clean_guest):
+    guest = clean_guest
+    write_config(guest, "vol0", 'backend = "null"\nsize = "64MiB"\n')
+    guest.run("rmmod ublk_drv")
+    try:
+        serve_fails(guest, "vol0", 3, "modprobe ublk_drv")
+    finally:
+        guest.run("modprobe ublk_drv")
+
+
+def test_not_root_is_refused(clean_guest):
+    guest = clean_guest
+    write_config(guest, "vol0", 'backend = "null"\nsize = "64MiB"\n')
+    result = guest.run(["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups",
+                        UBLKD, "serve", "vol0"], check=False)
+    assert result.rc == 3 and "root" in result.stderr, result.describe()
+    assert leftovers(guest) == ""

@@ -1,0 +1,55 @@
+"""Backends: where a ublk device's bytes live.
+
+A backend answers one request at a time for the queue that owns it.  It
+either queues the work on the queue's io_uring (the completion comes back
+to the queue with the user_data it was given) or answers at once.  Adding
+a backend is one module here plus one line in `open_backend`.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+from ublkd.config import DeviceConfig
+from ublkd.kernel.uring import Ring
+
+
+@dataclass(frozen=True)
+class Request:
+    """One ublk I/O, decoded from its descriptor (byte units)."""
+
+    op: int  # UBLK_IO_OP_*
+    offset: int
+    length: int
+    buffer: int  # address of the tag's I/O buffer
+
+
+class Backend(ABC):
+    """The per-device storage; one instance serves every queue."""
+
+    size: int  # bytes the device exposes
+    supports_discard: bool = False
+
+    @abstractmethod
+    def submit(self, ring: Ring, request: Request, user_data: int) -> int | None:
+        """Start `request` on `ring`, or answer at once.
+
+        Returns None when an SQE tagged `user_data` was queued (its CQE's
+        result is the answer), else the result itself: bytes done, or a
+        negative errno.
+        """
+
+    def close(self) -> None:
+        """Release what open_backend took."""
+
+
+def open_backend(config: DeviceConfig) -> Backend:
+    """The backend `config` asks for, opened and checked."""
+    if config.backend == "null":
+        from ublkd.backends.null import NullBackend
+
+        return NullBackend(config)
+    from ublkd.backends.file import FileBackend
+
+    return FileBackend(config)

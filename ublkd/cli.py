@@ -1,0 +1,261 @@
+"""The `ublkd` command.  Errors become exit codes here and nowhere else."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from ublkd import __version__, daemon
+from ublkd.config import format_size, load_config, validate_name
+from ublkd.errors import EXIT_INTERNAL, DeviceBusyError, DeviceNotFoundError, UblkdError
+from ublkd.kernel import uapi
+from ublkd.kernel.control import ControlDevice, DeviceInfo
+from ublkd.state import DeviceState, list_states, load_state, remove_state
+from ublkd.systemd import setup_logging
+
+log = logging.getLogger(__name__)
+
+DESCRIPTION = """\
+ublkd serves Linux ublk block devices (/dev/ublkbN) from user space, one
+device per configuration file, and can pick a device up again after its
+daemon died: with recovery enabled, the kernel keeps the device and queues
+its I/O while no daemon runs.
+
+Normally systemd runs it: `systemctl start ublkd@NAME` runs `ublkd serve
+NAME`, which reads /etc/ublkd/NAME.toml.
+"""
+
+EPILOG = """\
+files:
+  /etc/ublkd/NAME.toml      configuration of device NAME (see ublkd.toml(5)
+                            and conf/vol0.toml.example)
+  /var/lib/ublkd/NAME.json  state of device NAME while it exists: kernel id,
+                            flags, parameters, daemon pid (directory mode 0700)
+  /dev/ublk-control         the driver's control device (modprobe ublk_drv)
+  /dev/ublkbN, /dev/ublkcN  the block device and its server's char device
+
+environment:
+  UBLKD_CONF_DIR            read configurations here instead of /etc/ublkd
+  UBLKD_STATE_DIR           keep state files here instead of /var/lib/ublkd
+
+exit status:
+  0  success
+  1  unexpected internal error (a bug: please report it, with the log)
+  2  bad command line, configuration, device name, or state file
+  3  the ublk driver is not loaded, or not running as root
+  4  the kernel refused a control command
+  5  the device or its id is in use
+  6  the backing file cannot be used
+  7  no such device
+
+examples:
+  ublkd serve vol0          serve /etc/ublkd/vol0.toml in the foreground
+  ublkd list                every ublk device and every device ublkd knows
+  ublkd status vol0 --json  one device, as JSON
+  ublkd delete vol0         remove vol0's device after its daemon is gone
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ublkd",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"ublkd {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    serve = commands.add_parser(
+        "serve", help="create the device NAME and serve it until SIGTERM/SIGINT",
+        description="Create the ublk device described by /etc/ublkd/NAME.toml and serve it "
+                    "in the foreground. SIGTERM or SIGINT stops the device, deletes it and "
+                    "removes its state file. A failed start leaves nothing behind.")
+    serve.add_argument("name", metavar="NAME")
+    serve.set_defaults(func=cmd_serve)
+
+    listing = commands.add_parser(
+        "list", help="list ublk devices and the devices ublkd knows",
+        description="List every ublk device the kernel has and every state file: name, "
+                    "id, block device, kernel state (LIVE, QUIESCED, DEAD, or 'gone' when "
+                    "a state file names a device that no longer exists), server pid, "
+                    "backend.")
+    listing.add_argument("--json", action="store_true", help="print JSON")
+    listing.set_defaults(func=cmd_list)
+
+    status = commands.add_parser("status", help="show one device",
+                                 description="Show device NAME: state file and kernel view.")
+    status.add_argument("name", metavar="NAME")
+    status.add_argument("--json", action="store_true", help="print JSON")
+    status.set_defaults(func=cmd_status)
+
+    delete = commands.add_parser(
+        "delete", help="remove a device whose daemon is gone, and its state",
+        description="Remove device NAME (STOP_DEV, DEL_DEV) and its state file. Refuses "
+                    "while a ublkd process serves it: stop that with `systemctl stop "
+                    "ublkd@NAME`. Queued I/O of a device waiting for recovery fails.")
+    delete.add_argument("name", metavar="NAME")
+    delete.set_defaults(func=cmd_delete)
+
+    features = commands.add_parser("features", help="what the kernel's ublk driver supports",
+                                   description="Print the UBLK_F_* features of the running "
+                                               "kernel's ublk driver (GET_FEATURES).")
+    features.add_argument("--json", action="store_true", help="print JSON")
+    features.set_defaults(func=cmd_features)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(args.verbose)
+    try:
+        return args.func(args) or 0
+    except UblkdError as error:
+        log.error("%s", error)
+        return error.exit_code
+    except Exception:
+        log.exception("internal error; please report it with this log")
+        return EXIT_INTERNAL
+
+
+# -- commands ------------------------------------------------------------------
+def cmd_serve(args: argparse.Namespace) -> int:
+    daemon.serve(load_config(validate_name(args.name)))
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    daemon.require_root()
+    with contextlib.closing(ControlDevice()) as control:
+        rows = device_rows(control)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    columns = ("name", "id", "device", "state", "pid", "backend", "size")
+    table = [[str(row[c]) if row[c] is not None else "-" for c in columns] for row in rows]
+    widths = [max(len(c), *(len(r[i]) for r in table)) for i, c in enumerate(columns)]
+    print("  ".join(c.upper().ljust(w) for c, w in zip(columns, widths)).rstrip())
+    for line in table:
+        print("  ".join(v.ljust(w) for v, w in zip(line, widths)).rstrip())
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    name = validate_name(args.name)
+    daemon.require_root()
+    with contextlib.closing(ControlDevice()) as control:
+        rows = [row for row in device_rows(control) if row["name"] == name]
+    if not rows:
+        raise DeviceNotFoundError(f"{name}: ublkd has no state for it (not started?)")
+    row = rows[0]
+    if args.json:
+        print(json.dumps(row, indent=2))
+    else:
+        for key, value in row.items():
+            print(f"{key + ':':10} {value if value is not None else '-'}")
+    return 0
+
+
+def cmd_delete(args: argparse.Namespace) -> int:
+    name = validate_name(args.name)
+    daemon.require_root()
+    state = load_state(name)
+    if state is None:
+        raise DeviceNotFoundError(f"{name}: ublkd has no state for it; nothing to delete")
+    with contextlib.closing(ControlDevice()) as control:
+        try:
+            info = control.get_info(state.dev_id)
+        except DeviceNotFoundError:
+            remove_state(name)
+            print(f"{name}: /dev/ublkb{state.dev_id} was already gone; state removed")
+            return 0
+        if server_alive(info.pid):
+            raise DeviceBusyError(
+                f"{name}: /dev/ublkb{state.dev_id} is served by ublkd pid {info.pid}; "
+                f"stop it with `systemctl stop ublkd@{name}` (or SIGTERM)"
+            )
+        control.stop_device(state.dev_id)
+        control.delete_device(state.dev_id)
+    remove_state(name)
+    print(f"{name}: /dev/ublkb{state.dev_id} deleted, state removed")
+    return 0
+
+
+def cmd_features(args: argparse.Namespace) -> int:
+    daemon.require_root()
+    with contextlib.closing(ControlDevice()) as control:
+        mask = control.features()
+    names = uapi.feature_names(mask)
+    if args.json:
+        print(json.dumps({"mask": mask, "features": names}))
+    else:
+        print(f"kernel {os.uname().release}, features {mask:#x}:")
+        for feature in names:
+            print(f"  {feature}")
+    return 0
+
+
+# -- helpers -------------------------------------------------------------------
+def server_alive(pid: int) -> bool:
+    """Whether `pid` is a running ublkd (a dead server's pid may be reused)."""
+    if pid <= 0:
+        return False
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+    return b"ublkd" in cmdline
+
+
+def kernel_device_ids() -> list[int]:
+    """Ids of every ublk device, from the driver's char device class."""
+    class_dir = Path("/sys/class/ublk-char")
+    if not class_dir.is_dir():
+        return []
+    return sorted(int(entry.name[len("ublkc"):]) for entry in class_dir.glob("ublkc*"))
+
+
+def device_rows(control: ControlDevice) -> list[dict]:
+    """One row per kernel device or state file, joined on the device id."""
+    states: dict[int, DeviceState] = {}
+    rows = []
+    for entry in list_states():
+        if isinstance(entry, UblkdError):
+            log.warning("%s", entry)
+        else:
+            states[entry.dev_id] = entry
+    for dev_id in sorted(set(kernel_device_ids()) | set(states)):
+        try:
+            info: DeviceInfo | None = control.get_info(dev_id)
+        except DeviceNotFoundError:
+            info = None
+        rows.append(device_row(dev_id, info, states.get(dev_id)))
+    return rows
+
+
+def device_row(dev_id: int, info: DeviceInfo | None, state: DeviceState | None) -> dict:
+    config = state.config if state else {}
+    return {
+        "name": state.name if state else None,
+        "id": dev_id,
+        "device": f"/dev/ublkb{dev_id}",
+        "state": info.state_name if info else "gone",
+        "pid": info.pid if info and info.pid > 0 else None,
+        "backend": config.get("backend"),
+        "path": config.get("path"),
+        "size": format_size(state.params["dev_sectors"] << 9) if state else None,
+        "recovery": config.get("recovery"),
+        "queues": info.nr_queues if info else None,
+        "queue_depth": info.queue_depth if info else None,
+        "generation": state.generation if state else None,
+    }
+
+
+if __name__ == "__main__":
+    sys.exit(main())

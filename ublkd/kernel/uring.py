@@ -1,0 +1,261 @@
+"""io_uring for ublkd: a small Ring class over liburing, cffi kept inside.
+
+Nothing outside this module touches cffi.  A Ring is used by one thread at
+a time (the kernel ties ublk queues to the thread that submits).  Every
+``prep_*`` queues one SQE and returns at once; nothing reaches the kernel
+before ``submit``/``submit_and_wait``/``wait``, except when the SQ is full:
+then the queued SQEs are submitted to make room.  Completions come back as
+``(user_data, res)`` pairs, ``res`` being what the kernel put in the CQE
+(negative errno on failure): turning a failed request into an error is the
+caller's business, only failures of the ring calls themselves raise.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import weakref
+from typing import Any
+
+try:
+    from ublkd.kernel._uring import ffi, lib
+except ImportError as exc:  # pragma: no cover - depends on the build
+    raise ImportError(
+        "ublkd.kernel._uring is not built: run ./scripts/bootstrap (or `pip install -e .`); "
+        "building it needs liburing-dev and a C compiler"
+    ) from exc
+
+SETUP_SQE128 = lib.IORING_SETUP_SQE128
+SETUP_COOP_TASKRUN = lib.IORING_SETUP_COOP_TASKRUN
+SETUP_SINGLE_ISSUER = lib.IORING_SETUP_SINGLE_ISSUER
+SETUP_DEFER_TASKRUN = lib.IORING_SETUP_DEFER_TASKRUN
+
+# Tried in this order for single-issuer rings, as ublksrv does; a kernel
+# that lacks a flag says EINVAL and the next, smaller set is tried.
+SINGLE_ISSUER_FALLBACKS = (
+    SETUP_COOP_TASKRUN | SETUP_SINGLE_ISSUER | SETUP_DEFER_TASKRUN,  # 6.1+
+    SETUP_COOP_TASKRUN | SETUP_SINGLE_ISSUER,  # 6.0
+    SETUP_COOP_TASKRUN,  # 5.19
+    0,
+)
+
+CMD_AREA_64 = 16  # uring_cmd payload room in a 64-byte SQE (bytes 48-63)
+CMD_AREA_128 = 80  # ... and in a 128-byte SQE (bytes 48-127)
+
+SYNC_USER_DATA = (1 << 64) - 1  # tags the CQE of uring_cmd_sync
+
+MAX_UINT32 = (1 << 32) - 1
+
+
+def _raise(ret: int, call: str) -> None:
+    """Turn a negative errno from liburing into OSError naming the call."""
+    raise OSError(-ret, f"{os.strerror(-ret)} ({call})")
+
+
+def buffer_address(buf: Any) -> int:
+    """Address of a buffer-protocol object's memory (bytearray, mmap, ctypes array).
+
+    For handing buffers to ``prep_read``/``prep_write``: the caller keeps
+    ``buf`` alive, and unresized, until the request completes.
+    """
+    return int(ffi.cast("uintptr_t", ffi.from_buffer(buf)))
+
+
+class Ring:
+    """One io_uring instance.
+
+    ``sqe128``: 128-byte SQEs, which ublk control commands require.
+    ``single_issuer``: the thread that creates the ring is the only one that
+    submits to it; then COOP_TASKRUN | SINGLE_ISSUER | DEFER_TASKRUN are
+    tried (less where the kernel lacks them).  With DEFER_TASKRUN the
+    kernel posts completions only while this thread waits in
+    ``submit_and_wait``/``wait``: ``reap`` alone may then find nothing new.
+    """
+
+    def __init__(self, entries: int, *, sqe128: bool = False, single_issuer: bool = False):
+        base = SETUP_SQE128 if sqe128 else 0
+        extras = SINGLE_ISSUER_FALLBACKS if single_issuer else (0,)
+        self._ring, self.setup_flags = self._setup(entries, base, extras)
+        self._close = weakref.finalize(self, lib.ublkd_ring_free, self._ring)
+        self._cmd_room = CMD_AREA_128 if sqe128 else CMD_AREA_64
+        cq_entries = lib.ublkd_cq_entries(self._ring)
+        self._reap_max = cq_entries
+        self._reap_ud = ffi.new("uint64_t[]", cq_entries)
+        self._reap_res = ffi.new("int32_t[]", cq_entries)
+
+    @staticmethod
+    def _setup(entries: int, base: int, extras: tuple[int, ...]) -> tuple[Any, int]:
+        """io_uring_queue_init with the first flag set the kernel accepts."""
+        err = ffi.new("int *")
+        for extra in extras:
+            ring = lib.ublkd_ring_new(entries, base | extra, err)
+            if ring != ffi.NULL:
+                return ring, base | extra
+            if err[0] != -errno.EINVAL:
+                break
+        _raise(err[0], f"io_uring_queue_init(entries={entries}, flags={base | extra:#x})")
+        raise AssertionError("unreachable")
+
+    # --- life -------------------------------------------------------------
+
+    def close(self) -> None:
+        """Tear the ring down; the kernel cancels what is still in flight."""
+        self._close()
+        self._ring = ffi.NULL  # prep_* then fail in C instead of touching freed memory
+
+    @property
+    def closed(self) -> bool:
+        return not self._close.alive
+
+    def __enter__(self) -> Ring:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def _live(self) -> Any:
+        if self.closed:
+            raise ValueError("io_uring ring is closed")
+        return self._ring
+
+    def _fail(self, ret: int, call: str) -> None:
+        """Raise for a failed prep_*: ValueError once closed, else OSError."""
+        self._live()
+        _raise(ret, call)
+
+    def fileno(self) -> int:
+        """The ring's own fd (e.g. to poll it or register an eventfd)."""
+        return lib.ublkd_ring_fd(self._live())
+
+    @property
+    def sq_entries(self) -> int:
+        return lib.ublkd_sq_entries(self._live())
+
+    @property
+    def cq_entries(self) -> int:
+        return lib.ublkd_cq_entries(self._live())
+
+    def sqe_space(self) -> int:
+        """Free SQEs: how many prep_* calls fit before one submits by itself."""
+        return lib.ublkd_sq_space(self._live())
+
+    def cq_ready(self) -> int:
+        """Completions waiting to be reaped."""
+        return lib.ublkd_cq_ready(self._live())
+
+    # --- preparing requests ------------------------------------------------
+
+    def prep_nop(self, user_data: int) -> None:
+        """A request that does nothing: completes with res 0."""
+        ret = lib.ublkd_prep_nop(self._ring, user_data)
+        if ret:
+            self._fail(ret, "prep_nop")
+
+    def prep_read(self, fd: int, addr: int, length: int, offset: int, user_data: int) -> None:
+        """pread(fd) of length bytes at offset into the memory at addr."""
+        ret = lib.ublkd_prep_read(self._ring, fd, addr, length, offset, user_data)
+        if ret:
+            self._fail(ret, "prep_read")
+
+    def prep_write(self, fd: int, addr: int, length: int, offset: int, user_data: int) -> None:
+        """pwrite(fd) of length bytes from the memory at addr, at offset."""
+        ret = lib.ublkd_prep_write(self._ring, fd, addr, length, offset, user_data)
+        if ret:
+            self._fail(ret, "prep_write")
+
+    def prep_fsync(self, fd: int, user_data: int, datasync: bool = True) -> None:
+        """fdatasync(fd) (or fsync with datasync=False)."""
+        flags = lib.IORING_FSYNC_DATASYNC if datasync else 0
+        ret = lib.ublkd_prep_fsync(self._ring, fd, flags, user_data)
+        if ret:
+            self._fail(ret, "prep_fsync")
+
+    def prep_fallocate(self, fd: int, mode: int, offset: int, length: int,
+                       user_data: int) -> None:
+        """fallocate(fd, mode, offset, length): punch holes, zero ranges."""
+        ret = lib.ublkd_prep_fallocate(self._ring, fd, mode, offset, length, user_data)
+        if ret:
+            self._fail(ret, "prep_fallocate")
+
+    def prep_uring_cmd(self, fd: int, cmd_op: int, payload: bytes, user_data: int) -> None:
+        """IORING_OP_URING_CMD: payload goes to SQE byte 48 (16 bytes max, 80 with SQE128)."""
+        if len(payload) > self._cmd_room:
+            raise ValueError(
+                f"uring_cmd payload of {len(payload)} bytes does not fit the "
+                f"{self._cmd_room}-byte command area of this ring"
+                + ("" if self._cmd_room == CMD_AREA_128 else " (use sqe128=True)")
+            )
+        ret = lib.ublkd_prep_uring_cmd(self._ring, fd, cmd_op, payload, len(payload), user_data)
+        if ret:
+            self._fail(ret, "prep_uring_cmd")
+
+    def prep_ublk_io(self, fd: int, cmd_op: int, q_id: int, tag: int, result: int,
+                     addr: int, user_data: int) -> None:
+        """A ublk IO command (FETCH/COMMIT_AND_FETCH/NEED_GET_DATA) on /dev/ublkcN.
+
+        The per-request hot path: C fills the 16-byte ublksrv_io_cmd directly.
+        """
+        ret = lib.ublkd_prep_ublk_io(self._ring, fd, cmd_op, q_id, tag, result, addr, user_data)
+        if ret:
+            self._fail(ret, "prep_ublk_io")
+
+    # --- submitting and completing -----------------------------------------
+
+    def submit(self) -> int:
+        """Hand the queued SQEs to the kernel; returns how many it took."""
+        while True:
+            ret = lib.io_uring_submit(self._live())
+            if ret >= 0:
+                return ret
+            if ret != -errno.EINTR:  # a signal: its handler has run, go on
+                _raise(ret, "io_uring_submit")
+
+    def submit_and_wait(self, wait_nr: int = 1) -> int:
+        """Submit, then block (GIL released) until wait_nr completions are ready."""
+        while True:
+            ret = lib.io_uring_submit_and_wait(self._live(), wait_nr)
+            if ret >= 0:
+                return ret
+            if ret != -errno.EINTR:
+                _raise(ret, "io_uring_submit_and_wait")
+
+    def reap(self, max: int | None = None) -> list[tuple[int, int]]:  # noqa: A002
+        """(user_data, res) of every ready CQE (at most max), marked seen."""
+        limit = self._reap_max if max is None else min(max, self._reap_max)
+        n = lib.ublkd_reap(self._live(), self._reap_ud, self._reap_res, limit)
+        if not n:
+            return []
+        return list(zip(ffi.unpack(self._reap_ud, n), ffi.unpack(self._reap_res, n)))
+
+    def wait(self, min_complete: int = 1, timeout: float | None = None,
+             max: int | None = None) -> list[tuple[int, int]]:  # noqa: A002
+        """Submit, wait for min_complete completions (or timeout seconds), reap.
+
+        On timeout returns what is ready, possibly nothing.
+        """
+        timeout_ns = -1 if timeout is None else int(timeout * 1e9)
+        while True:
+            ret = lib.ublkd_submit_and_wait_timeout(self._live(), min_complete, timeout_ns)
+            if ret >= 0 or ret == -errno.ETIME:
+                break
+            if ret != -errno.EINTR:
+                _raise(ret, "io_uring_submit_and_wait_timeout")
+        return self.reap(max)
+
+    def uring_cmd_sync(self, fd: int, cmd_op: int, payload: bytes) -> int:
+        """Run one uring_cmd to completion and return its CQE res (negative errno on failure).
+
+        For rings with nothing else in flight, like the control ring: ublk
+        control commands run in the kernel's io-wq and may block there
+        (START_DEV waits for the queues), so this waits with the GIL released.
+        """
+        self.prep_uring_cmd(fd, cmd_op, payload, SYNC_USER_DATA)
+        while True:
+            self.submit_and_wait(1)
+            for user_data, res in self.reap():
+                if user_data != SYNC_USER_DATA:
+                    raise RuntimeError(
+                        f"uring_cmd_sync: unexpected completion user_data={user_data:#x}: "
+                        "the ring has other requests in flight"
+                    )
+                return res
