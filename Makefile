@@ -2,7 +2,7 @@
 # README and of CI; `make demo` comes with the recovery work.
 PYTHON := .venv/bin/python
 
-.PHONY: check bootstrap unit-test guest-shell bench clean
+.PHONY: check bootstrap unit-test guest-shell bench install-units clean
 
 check: bootstrap
 	$(PYTHON) -m pytest
@@ -23,3 +23,14 @@ clean:
 # fio in the guest: ublkd against loop and null_blk (see benchmarks/bench.py).
 bench: bootstrap
 	$(PYTHON) -m benchmarks.bench
+
+# Install the units for the ublkd of this checkout (what the guest tests
+# do): ExecStart= points at $(UBLKD) instead of /usr/bin/ublkd.
+UBLKD ?= $(abspath .venv/bin/ublkd)
+UNITDIR ?= /etc/systemd/system
+install-units:
+	install -d $(UNITDIR)
+	for unit in units/*.service; do \
+		sed 's|/usr/bin/ublkd|$(UBLKD)|' $$unit > $(UNITDIR)/$$(basename $$unit); \
+	done
+	systemctl daemon-reload

@@ -58,6 +58,11 @@ examples:
   ublkd list                every ublk device and every device ublkd knows
   ublkd status vol0 --json  one device, as JSON
   ublkd delete vol0         remove vol0's device after its daemon is gone
+  ublkd recover vol0        start recovering vol0 by hand (see also
+                            ublkd-recover@vol0.service)
+
+see also:
+  systemctl status ublkd@NAME, journalctl -u ublkd@NAME, ublkd.toml(5)
 """
 
 
@@ -102,6 +107,29 @@ def build_parser() -> argparse.ArgumentParser:
                     "ublkd@NAME`. Queued I/O of a device waiting for recovery fails.")
     delete.add_argument("name", metavar="NAME")
     delete.set_defaults(func=cmd_delete)
+
+    recover = commands.add_parser(
+        "recover", help="start the recovery of a device whose daemon died",
+        description="Send START_USER_RECOVERY for device NAME, retrying for up to 30 s "
+                    "while the kernel still sees the old daemon (its /dev/ublkcN open, the "
+                    "device not yet quiesced). `ublkd serve NAME` then finishes the "
+                    "recovery. Not needed under systemd: ublkd@NAME recovers by itself "
+                    "when it is restarted; ublkd-recover@NAME.service runs this and "
+                    "restarts ublkd@NAME after systemd gave up.")
+    recover.add_argument("name", metavar="NAME")
+    recover.set_defaults(func=cmd_recover)
+
+    give_up = commands.add_parser(
+        "give-up", help="apply on_give_up after systemd stopped restarting NAME",
+        description="Run by ublkd-giveup@NAME.service (OnFailure= of ublkd@NAME) when "
+                    "systemd stopped restarting a crash-looping daemon: with on_give_up = "
+                    "\"delete\" the device is deleted and its queued I/O fails; with "
+                    "\"keep\" it stays, its I/O waiting, for a manual recovery.")
+    give_up.add_argument("--delete", action="store_true",
+                         help="delete the device whatever on_give_up says, unless a daemon "
+                              "serves it again (ExecStop= of ublkd-giveup@NAME)")
+    give_up.add_argument("name", metavar="NAME")
+    give_up.set_defaults(func=cmd_give_up)
 
     features = commands.add_parser("features", help="what the kernel's ublk driver supports",
                                    description="Print the UBLK_F_* features of the running "
@@ -175,7 +203,7 @@ def cmd_delete(args: argparse.Namespace) -> int:
             remove_state(name)
             print(f"{name}: /dev/ublkb{state.dev_id} was already gone; state removed")
             return 0
-        if server_alive(info.pid):
+        if daemon.server_alive(info.pid):
             raise DeviceBusyError(
                 f"{name}: /dev/ublkb{state.dev_id} is served by ublkd pid {info.pid}; "
                 f"stop it with `systemctl stop ublkd@{name}` (or SIGTERM)"
@@ -184,6 +212,19 @@ def cmd_delete(args: argparse.Namespace) -> int:
         control.delete_device(state.dev_id)
     remove_state(name)
     print(f"{name}: /dev/ublkb{state.dev_id} deleted, state removed")
+    return 0
+
+
+def cmd_recover(args: argparse.Namespace) -> int:
+    config = load_config(validate_name(args.name))
+    dev_id = daemon.recover(config)
+    print(f"{config.name}: recovery of /dev/ublkb{dev_id} started; `ublkd serve "
+          f"{config.name}` (or `systemctl start ublkd@{config.name}`) finishes it")
+    return 0
+
+
+def cmd_give_up(args: argparse.Namespace) -> int:
+    log.warning("%s", daemon.give_up(validate_name(args.name), force_delete=args.delete))
     return 0
 
 
@@ -202,17 +243,6 @@ def cmd_features(args: argparse.Namespace) -> int:
 
 
 # -- helpers -------------------------------------------------------------------
-def server_alive(pid: int) -> bool:
-    """Whether `pid` is a running ublkd (a dead server's pid may be reused)."""
-    if pid <= 0:
-        return False
-    try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return False
-    return b"ublkd" in cmdline
-
-
 def kernel_device_ids() -> list[int]:
     """Ids of every ublk device, from the driver's char device class."""
     class_dir = Path("/sys/class/ublk-char")

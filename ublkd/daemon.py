@@ -1,17 +1,33 @@
-"""The life of one device, top to bottom: create, serve, stop.
+"""The life of one device, top to bottom: create or recover, serve, stop.
 
-`serve(config)` is what `ublkd serve NAME` runs.  Every step that takes a
-resource registers how to give it back, so a failure at any point unwinds
-what was done and leaves no device, state file or fd behind:
+`serve(config)` is what `ublkd serve NAME` runs.  It decides from the state
+file and the kernel what to do:
 
-    open backend -> ADD_DEV -> SET_PARAMS -> save state -> open /dev/ublkcN
-    -> queues fetch -> START_DEV -> serve ... SIGTERM -> STOP_DEV
-    -> queues see ABORT -> close /dev/ublkcN -> DEL_DEV -> remove state
+    no state, or state naming a device that is gone (reboot)  -> CREATE
+    state + device QUIESCED, or LIVE with its server dead      -> RECOVER
+    state + device LIVE with a live server                     -> refuse
+    state + device DEAD (a start crashed before START_DEV)     -> delete it, CREATE
+
+CREATE:  open backend -> ADD_DEV -> SET_PARAMS -> save state -> open
+         /dev/ublkcN -> queues fetch -> START_DEV
+RECOVER: open backend -> START_USER_RECOVERY (retried while the old server
+         goes away) -> save state (generation + 1) -> open /dev/ublkcN ->
+         queues fetch -> END_USER_RECOVERY(our pid)
+SERVE:   READY=1; watchdog pings while every queue is healthy
+STOP:    (SIGTERM) STOPPING=1 -> STOP_DEV -> queues see ABORT -> close
+         /dev/ublkcN -> DEL_DEV -> remove state
+
+A failed CREATE unwinds everything it did: no device, state or fd is left.
+A failed RECOVER leaves the device as it found it, waiting with its queued
+I/O for the next attempt: deleting it would fail the I/O of every
+application using it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import faulthandler
 import logging
 import os
 import signal
@@ -22,16 +38,21 @@ from datetime import datetime, timezone
 from ublkd import __version__
 from ublkd.backends import Backend, open_backend
 from ublkd.config import DeviceConfig
-from ublkd.errors import DeviceBusyError, DeviceNotFoundError, KernelError, NotRootError
+from ublkd.errors import (ConfigError, DeviceBusyError, DeviceNotFoundError, KernelError,
+                          NotRootError)
 from ublkd.kernel import uapi
 from ublkd.kernel.control import ControlDevice, DeviceInfo, Params
 from ublkd.kernel.queue import Queue
-from ublkd.state import DeviceState, load_state, remove_state, save_state
+from ublkd.state import DeviceState, load_state, next_generation, remove_state, save_state
+from ublkd.systemd import Notifier
 
 log = logging.getLogger(__name__)
 
 IO_BUFFER_BYTES = 512 * 1024  # per tag; also the largest request the kernel sends
 CHAR_DEVICE_WAIT = 5.0  # seconds for /dev/ublkcN to appear after ADD_DEV
+RECOVERY_WAIT = 30.0  # seconds START_USER_RECOVERY is retried while EBUSY
+RECOVERY_RETRY = 0.1
+QUEUE_SILENCE_LIMIT = 10.0  # a queue loop that has not run for this long is stuck
 
 RECOVERY_FLAGS = {
     "reissue": uapi.UBLK_F_USER_RECOVERY | uapi.UBLK_F_USER_RECOVERY_REISSUE,
@@ -48,68 +69,120 @@ def require_root() -> None:
         )
 
 
+def server_alive(pid: int) -> bool:
+    """Whether `pid` is a running ublkd (a dead server's pid may be reused)."""
+    if pid <= 0:
+        return False
+    try:
+        cmdline = open(f"/proc/{pid}/cmdline", "rb").read()
+    except OSError:
+        return False
+    return b"ublkd" in cmdline
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).isoformat()
+
+
 class Device:
     """One served ublk device; `run()` returns after a clean stop."""
 
-    def __init__(self, config: DeviceConfig, control: ControlDevice):
+    def __init__(self, config: DeviceConfig, control: ControlDevice, notifier: Notifier):
         self.config = config
         self.control = control
+        self.notifier = notifier
         self.name = config.name
         self.stop_requested = threading.Event()
         self.queues: list[Queue] = []
         self.info: DeviceInfo | None = None
+        self.state: DeviceState | None = None
 
-    # -- the steps, in order -------------------------------------------------
+    # -- deciding --------------------------------------------------------------
     def run(self) -> None:
+        previous = load_state(self.name)
+        existing = self.existing_device(previous)
+        if existing is None:
+            self.create_and_serve(previous)
+        else:
+            self.recover_and_serve(previous, existing)
+
+    def existing_device(self, previous: DeviceState | None) -> DeviceInfo | None:
+        """The kernel's device named by our state file, if there is one to recover."""
+        if previous is None:
+            return None
+        try:
+            info = self.control.get_info(previous.dev_id)
+        except DeviceNotFoundError:
+            log.info("%s: /dev/ublkb%d of the state file no longer exists (reboot?); "
+                     "creating the device anew", self.name, previous.dev_id)
+            return None
+        if info.state == uapi.UBLK_S_DEV_DEAD:
+            log.warning("%s: /dev/ublkb%d was never started (a start crashed); deleting it "
+                        "and creating the device anew", self.name, previous.dev_id)
+            self.control.delete_device(previous.dev_id)
+            return None
+        if info.pid != os.getpid() and server_alive(info.pid) and \
+                info.state == uapi.UBLK_S_DEV_LIVE:
+            raise DeviceBusyError(
+                f"{self.name}: /dev/ublkb{info.dev_id} is LIVE and served by ublkd pid "
+                f"{info.pid}; stop it first (`systemctl stop ublkd@{self.name}`)"
+            )
+        return info
+
+    # -- create ----------------------------------------------------------------
+    def create_and_serve(self, previous: DeviceState | None) -> None:
         with contextlib.ExitStack() as undo:
-            self.clear_stale_state()
             backend = open_backend(self.config)
             undo.callback(backend.close)
             undo.callback(remove_state, self.name)
-            self.info = self.add_device()
+            self.info = self.add_device(self.wanted_id(previous))
             undo.callback(self.delete_device)
             self.control.set_params(self.info.dev_id, self.params_for(backend))
-            self.save_state()
+            self.save_state(generation=1, created=now())
             char_fd = self.open_char_device()
             undo.callback(os.close, char_fd)
             undo.callback(self.join_queues)
             self.start_queues(char_fd, backend)
             undo.callback(self.stop_device)
             self.control.start_device(self.info.dev_id, os.getpid())
-            log.info("%s: serving /dev/ublkb%d (%s backend, %d queue(s) of depth %d)",
-                     self.name, self.info.dev_id, self.config.backend,
-                     self.info.nr_queues, self.info.queue_depth)
-            self.wait_for_stop()
-            log.info("%s: stopping /dev/ublkb%d", self.name, self.info.dev_id)
+            log.info("%s: created /dev/ublkb%d (%s backend, %d queue(s) of depth %d, "
+                     "recovery %s)", self.name, self.info.dev_id, self.config.backend,
+                     self.info.nr_queues, self.info.queue_depth, self.config.recovery)
+            self.serve_until_stopped()
 
-    def clear_stale_state(self) -> None:
-        """A state file whose device is gone (a reboot) is dropped; a live one refuses."""
-        state = load_state(self.name)
-        if state is None:
-            return
+    def wanted_id(self, previous: DeviceState | None) -> int | None:
+        """The configured id; else the id we had before, when it is free again."""
+        if self.config.dev_id is not None:
+            self.refuse_taken_id(self.config.dev_id)
+            return self.config.dev_id
+        if previous is not None and not self.id_taken(previous.dev_id):
+            return previous.dev_id
+        return None
+
+    def id_taken(self, dev_id: int) -> bool:
         try:
-            info = self.control.get_info(state.dev_id)
+            self.control.get_info(dev_id)
         except DeviceNotFoundError:
-            log.info("%s: dropping state of /dev/ublkb%d, which no longer exists",
-                     self.name, state.dev_id)
-            remove_state(self.name)
+            return False
+        return True
+
+    def refuse_taken_id(self, dev_id: int) -> None:
+        try:
+            info = self.control.get_info(dev_id)
+        except DeviceNotFoundError:
             return
         raise DeviceBusyError(
-            f"{self.name}: /dev/ublkb{state.dev_id} already exists ({info.state_name}, "
-            f"server pid {info.pid}). If ublkd@{self.name} is running, stop it with "
-            f"`systemctl stop ublkd@{self.name}`; if no server is left, remove the "
-            f"device with `ublkd delete {self.name}`."
+            f"{self.config.source}: id = {dev_id} is taken: /dev/ublkb{dev_id} exists "
+            f"({info.state_name}, server pid {info.pid}); choose another id or remove "
+            f"that device first"
         )
 
-    def add_device(self) -> DeviceInfo:
-        wanted = self.config.dev_id
-        if wanted is not None:
-            self.refuse_taken_id(wanted)
+    def add_device(self, dev_id: int | None) -> DeviceInfo:
         flags = RECOVERY_FLAGS[self.config.recovery]
         if self.control.ioctl_encode:
             flags |= uapi.UBLK_F_CMD_IOCTL_ENCODE
         info = self.control.add_device(
-            dev_id=wanted,
+            dev_id=dev_id,
             nr_queues=self.config.queues,
             queue_depth=self.config.queue_depth,
             max_io_buf_bytes=IO_BUFFER_BYTES,
@@ -128,49 +201,110 @@ class Device:
             )
         return info
 
-    def refuse_taken_id(self, dev_id: int) -> None:
-        try:
-            info = self.control.get_info(dev_id)
-        except DeviceNotFoundError:
-            return
-        raise DeviceBusyError(
-            f"{self.config.source}: id = {dev_id} is taken: /dev/ublkb{dev_id} exists "
-            f"({info.state_name}, server pid {info.pid}); choose another id or remove "
-            f"that device first"
-        )
-
     def params_for(self, backend: Backend) -> Params:
         cfg = self.config
+        discard = backend.supports_discard
         return Params(
             logical_block_size=cfg.logical_block_size,
             physical_block_size=max(cfg.logical_block_size, 4096),
             io_min=cfg.logical_block_size,
-            io_opt=0,
-            max_sectors=IO_BUFFER_BYTES >> 9,
+            max_sectors=self.info.max_io_buf_bytes >> 9,
             dev_sectors=backend.size >> 9,
             # A volatile cache makes the block layer send FLUSH, which the
             # file backend turns into fdatasync.
             volatile_cache=cfg.backend == "file",
-            discard_granularity=4096 if backend.supports_discard else 0,
-            max_discard_sectors=(1 << 30) >> 9 if backend.supports_discard else 0,
-            max_write_zeroes_sectors=(1 << 30) >> 9 if backend.supports_discard else 0,
-            max_discard_segments=1 if backend.supports_discard else 0,
+            discard_granularity=4096 if discard else 0,
+            max_discard_sectors=(1 << 30) >> 9 if discard else 0,
+            max_write_zeroes_sectors=(1 << 30) >> 9 if discard else 0,
+            max_discard_segments=1 if discard else 0,
         )
 
-    def save_state(self) -> None:
-        now = datetime.now(timezone.utc).isoformat()
-        save_state(DeviceState(
+    # -- recover ---------------------------------------------------------------
+    def recover_and_serve(self, previous: DeviceState, info: DeviceInfo) -> None:
+        self.info = info
+        self.check_config_still_fits(previous)
+        started = time.monotonic()
+        with contextlib.ExitStack() as undo:
+            backend = open_backend(self.config)
+            undo.callback(backend.close)
+            self.start_user_recovery()
+            self.save_state(generation=next_generation(previous), created=previous.created)
+            char_fd = self.open_char_device()
+            undo.callback(os.close, char_fd)
+            undo.callback(self.join_queues)
+            self.start_queues(char_fd, backend)
+            self.control.end_user_recovery(info.dev_id, os.getpid())
+            # From here on a stop is a normal stop: the device is ours again.
+            undo.pop_all()
+            undo.callback(backend.close)
+            undo.callback(remove_state, self.name)
+            undo.callback(self.delete_device)
+            undo.callback(os.close, char_fd)
+            undo.callback(self.join_queues)
+            undo.callback(self.stop_device)
+            log.info("%s: recovered /dev/ublkb%d in %.2f s (recovery %d)", self.name,
+                     info.dev_id, time.monotonic() - started, self.state.generation - 1)
+            self.serve_until_stopped()
+
+    def check_config_still_fits(self, previous: DeviceState) -> None:
+        """The kernel keeps size, queues and flags; a config that changed them
+        cannot apply to the device that exists."""
+        kept = DeviceConfig.from_dict(previous.config)
+        changed = [key for key in ("backend", "path", "size", "logical_block_size", "recovery")
+                   if getattr(kept, key) != getattr(self.config, key)]
+        if changed:
+            raise ConfigError(
+                f"{self.config.source}: {', '.join(changed)} changed while /dev/ublkb"
+                f"{previous.dev_id} exists; a running device keeps its settings. Revert "
+                f"the change, or stop the device (`systemctl stop ublkd@{self.name}`) and "
+                f"start it again to apply it"
+            )
+
+    def start_user_recovery(self) -> None:
+        """START_USER_RECOVERY, retried while the old server is still going away.
+
+        EINVAL on a QUIESCED device means recovery was already started (an
+        earlier attempt died between START and END, before any queue was
+        ready again): the kernel is waiting for FETCHes, which we send next.
+        """
+        dev_id = self.info.dev_id
+        deadline = time.monotonic() + RECOVERY_WAIT
+        announced = False
+        while True:
+            try:
+                self.control.start_user_recovery(dev_id)
+                return
+            except KernelError as error:
+                code = getattr(error, "errno", None)
+                state = self.control.get_info(dev_id).state
+                if code == errno.EINVAL and state == uapi.UBLK_S_DEV_QUIESCED:
+                    log.info("%s: recovery of /dev/ublkb%d was already started; "
+                             "continuing it", self.name, dev_id)
+                    return
+                if code != errno.EBUSY or time.monotonic() > deadline:
+                    raise
+            if not announced:
+                log.info("%s: waiting for the old server of /dev/ublkb%d to go away "
+                         "(the kernel must see /dev/ublkc%d closed and the device "
+                         "quiesced)", self.name, dev_id, dev_id)
+                announced = True
+            time.sleep(RECOVERY_RETRY)
+
+    # -- serving ---------------------------------------------------------------
+    def save_state(self, generation: int, created: str) -> None:
+        self.state = DeviceState(
             name=self.name,
             dev_id=self.info.dev_id,
             flags=self.info.flags,
             params=self.control.get_params(self.info.dev_id).to_dict(),
             config=self.config.to_dict(),
             pid=os.getpid(),
-            generation=1,
-            created=now,
-            updated=now,
+            generation=generation,
+            created=created,
+            updated=now(),
             version=__version__,
-        ))
+        )
+        save_state(self.state)
 
     def open_char_device(self) -> int:
         """Open /dev/ublkcN, which devtmpfs creates right after ADD_DEV.
@@ -185,11 +319,12 @@ class Device:
                 return os.open(path, os.O_RDWR | os.O_CLOEXEC)
             except FileNotFoundError:
                 if time.monotonic() > deadline:
-                    raise KernelError(f"{self.name}: {path} did not appear after ADD_DEV")
+                    raise KernelError(
+                        f"{self.name}: {path} did not appear after ADD_DEV") from None
                 time.sleep(0.05)
 
     def start_queues(self, char_fd: int, backend: Backend) -> None:
-        fetch_op, commit_op = uapi.io_opcodes(bool(self.info.flags & uapi.UBLK_F_CMD_IOCTL_ENCODE))
+        fetch_op, commit_op = uapi.io_opcodes(self.control.ioctl_encode)
         for q_id in range(self.info.nr_queues):
             queue = Queue(char_fd, q_id, self.info.queue_depth, self.info.max_io_buf_bytes,
                           backend, fetch_op, commit_op)
@@ -200,14 +335,41 @@ class Device:
             if queue.error:
                 raise KernelError(f"{self.name}: queue {queue.q_id} could not start: {queue.error}")
 
-    def wait_for_stop(self) -> None:
-        """Until SIGTERM/SIGINT, or a queue dies (which is an error)."""
-        while not self.stop_requested.wait(1.0):
-            for queue in self.queues:
-                if not queue.alive:
-                    raise KernelError(
-                        f"{self.name}: queue {queue.q_id} stopped serving: {queue.error}"
-                    )
+    def serve_until_stopped(self) -> None:
+        """Until SIGTERM/SIGINT, pinging the watchdog while every queue is healthy."""
+        self.notifier.ready(self.status_line("LIVE"))
+        backing = str(self.config.path) if self.config.path else None
+        self.notifier.ensure_stop_order(self.name, self.info.dev_id, backing)
+        while not self.stop_requested.wait(self.notifier.tick):
+            problem = self.health_problem()
+            if problem is None:
+                self.notifier.watchdog()
+            else:
+                log.error("%s: %s; not pinging the watchdog", self.name, problem)
+                self.notifier.status(self.status_line(f"unhealthy: {problem}"))
+        self.notifier.stopping(self.status_line("stopping"))
+        log.info("%s: stopping /dev/ublkb%d", self.name, self.info.dev_id)
+
+    def health_problem(self) -> str | None:
+        """Why I/O is not flowing, or None: every queue thread alive, its loop
+        running, and no backend I/O stuck longer than the stall limit."""
+        moment = time.monotonic()
+        for queue in self.queues:
+            if not queue.alive:
+                raise KernelError(f"{self.name}: queue {queue.q_id} stopped serving: "
+                                  f"{queue.error}")
+            if moment - queue.heartbeat > QUEUE_SILENCE_LIMIT:
+                return f"queue {queue.q_id} loop silent for {moment - queue.heartbeat:.0f} s"
+            stalled = queue.stalled_since()
+            if stalled is not None and moment - stalled > self.notifier.stall_limit:
+                return (f"queue {queue.q_id}: backend I/O unanswered for "
+                        f"{moment - stalled:.0f} s")
+        return None
+
+    def status_line(self, state: str) -> str:
+        recoveries = self.state.generation - 1 if self.state else 0
+        return (f"/dev/ublkb{self.info.dev_id} {state}, {self.config.backend} backend, "
+                f"recovered {recoveries} time{'s' if recoveries != 1 else ''}")
 
     # -- undo steps ------------------------------------------------------------
     def stop_device(self) -> None:
@@ -221,15 +383,11 @@ class Device:
             queue.stop.set()
         for queue in self.queues:
             queue.join()
+        self.queues = []
 
     def delete_device(self) -> None:
-        try:
+        with contextlib.suppress(DeviceNotFoundError):
             self.control.delete_device(self.info.dev_id)
-        except DeviceNotFoundError:
-            pass
-        except KernelError as exc:
-            log.error("%s: could not delete /dev/ublkb%d: %s", self.name, self.info.dev_id, exc)
-            raise
 
     def request_stop(self, signum: int, _frame) -> None:
         log.info("%s: %s received", self.name, signal.Signals(signum).name)
@@ -237,11 +395,61 @@ class Device:
 
 
 def serve(config: DeviceConfig) -> None:
-    """Create the device `config` describes and serve it until SIGTERM/SIGINT."""
+    """Create or recover the device `config` describes; serve it until SIGTERM/SIGINT."""
     require_root()
+    faulthandler.enable()  # SIGABRT from the watchdog prints every thread's stack
     with contextlib.closing(ControlDevice()) as control:
-        device = Device(config, control)
+        device = Device(config, control, Notifier())
         signal.signal(signal.SIGTERM, device.request_stop)
         signal.signal(signal.SIGINT, device.request_stop)
         device.run()
+
+
+def recover(config: DeviceConfig) -> int:
+    """`ublkd recover NAME`: the START_USER_RECOVERY step alone, for a manual
+    recovery; the next `ublkd serve NAME` finishes it.  Returns the dev id."""
+    require_root()
+    previous = load_state(config.name)
+    if previous is None:
+        raise DeviceNotFoundError(f"{config.name}: ublkd has no state for it; nothing to recover")
+    with contextlib.closing(ControlDevice()) as control:
+        device = Device(config, control, Notifier())
+        info = device.existing_device(previous)
+        if info is None:
+            raise DeviceNotFoundError(f"{config.name}: /dev/ublkb{previous.dev_id} is gone; "
+                                      f"`systemctl start ublkd@{config.name}` creates it anew")
+        device.info = info
+        device.start_user_recovery()
+    return info.dev_id
+
+
+def give_up(name: str, force_delete: bool = False) -> str:
+    """What systemd's OnFailure runs once it stopped restarting ublkd@NAME.
+
+    on_give_up = "delete": STOP_DEV + DEL_DEV, so queued I/O fails and
+    nothing waits forever (a shutdown would otherwise hang on the mount).
+    on_give_up = "keep": leave the device quiesced for a manual recovery.
+    """
+    require_root()
+    previous = load_state(name)
+    if previous is None:
+        return f"{name}: no state; nothing to do"
+    policy = "delete" if force_delete else DeviceConfig.from_dict(previous.config).on_give_up
+    with contextlib.closing(ControlDevice()) as control:
+        try:
+            info = control.get_info(previous.dev_id)
+        except DeviceNotFoundError:
+            remove_state(name)
+            return f"{name}: /dev/ublkb{previous.dev_id} already gone; state removed"
+        if server_alive(info.pid) and info.state == uapi.UBLK_S_DEV_LIVE:
+            return f"{name}: /dev/ublkb{info.dev_id} is served again (pid {info.pid}); nothing to do"
+        if policy == "keep":
+            return (f"{name}: systemd gave up restarting ublkd@{name}; /dev/ublkb{info.dev_id} "
+                    f"is kept ({info.state_name}), its I/O waits. Fix the cause, then "
+                    f"`systemctl start ublkd-recover@{name}`, or `ublkd delete {name}`")
+        control.stop_device(info.dev_id)
+        control.delete_device(info.dev_id)
+    remove_state(name)
+    return (f"{name}: systemd gave up restarting ublkd@{name}; /dev/ublkb{info.dev_id} "
+            f"deleted (on_give_up = \"delete\"), its pending I/O failed")
 

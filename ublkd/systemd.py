@@ -1,13 +1,21 @@
-"""systemd glue: logging that journald understands.
+"""systemd glue: notifications, the watchdog, shutdown ordering, logging.
 
-Kept in one module so the rest of ublkd runs the same outside systemd.
+Kept in one module so the rest of ublkd runs the same outside systemd:
+without NOTIFY_SOCKET every notification is a no-op.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import subprocess
 import sys
+import time
+from pathlib import Path
+
+import sdnotify
+
+log = logging.getLogger(__name__)
 
 SYSLOG_PRIORITY = {
     logging.CRITICAL: 2,
@@ -36,3 +44,101 @@ def setup_logging(verbose: bool) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(logging.DEBUG if verbose else logging.INFO)
+
+
+def watchdog_interval() -> float | None:
+    """WatchdogSec= of our unit in seconds, if the watchdog is meant for us."""
+    usec = int(os.environ.get("WATCHDOG_USEC", "0") or 0)
+    pid = os.environ.get("WATCHDOG_PID")
+    if usec <= 0 or (pid and int(pid) != os.getpid()):
+        return None
+    return usec / 1e6
+
+
+def own_unit() -> str | None:
+    """The systemd unit whose cgroup we run in (e.g. ublkd@vol0.service)."""
+    try:
+        for line in Path("/proc/self/cgroup").read_text().splitlines():
+            path = line.split(":", 2)[2]
+            if path.endswith(".service"):
+                return path.rsplit("/", 1)[1]
+    except (OSError, IndexError):
+        pass
+    return None
+
+
+class Notifier:
+    """sd_notify for one serving process: READY, STATUS, STOPPING, WATCHDOG."""
+
+    def __init__(self) -> None:
+        self.notify_socket = bool(os.environ.get("NOTIFY_SOCKET"))
+        self.sd = sdnotify.SystemdNotifier()
+        self.interval = watchdog_interval()
+        # Check health several times per watchdog period, at least once a second.
+        self.tick = min(1.0, self.interval / 4) if self.interval else 1.0
+        # Backend I/O older than this counts as hung (the watchdog then fires
+        # within one period of it); 30 s when no watchdog is set.
+        self.stall_limit = self.interval / 2 if self.interval else 30.0
+        self.last_ping = 0.0
+
+    def send(self, message: str) -> None:
+        if self.notify_socket:
+            self.sd.notify(message)
+
+    def ready(self, status: str) -> None:
+        self.send(f"READY=1\nSTATUS={status}\nMAINPID={os.getpid()}")
+        self.watchdog()
+
+    def status(self, status: str) -> None:
+        self.send(f"STATUS={status}")
+
+    def stopping(self, status: str) -> None:
+        self.send(f"STOPPING=1\nSTATUS={status}")
+
+    def watchdog(self) -> None:
+        """Ping, at most four times per period (a ping is a syscall; no need for more)."""
+        moment = time.monotonic()
+        if self.interval and moment - self.last_ping >= self.interval / 4:
+            self.send("WATCHDOG=1")
+            self.last_ping = moment
+
+    def ensure_stop_order(self, name: str, dev_id: int, backing: str | None) -> None:
+        """At shutdown: file systems on /dev/ublkbN go first, then we, then
+        the file system that holds the backing file.
+
+        Mount units are ordered After=blockdev@dev-ublkbN.target, so a unit
+        Before= that target and After= ublkd@NAME makes systemd unmount,
+        then stop us; a unit Before= ublkd@NAME with RequiresMountsFor= the
+        backing file keeps its mount until we stopped.  The device number
+        and backing path are only known now, so these are transient units
+        (PartOf= ours, gone when we stop); a recovered daemon finds them.
+        """
+        unit = f"ublkd@{name}.service"
+        if own_unit() != unit:
+            return
+        target = f"blockdev@dev-ublkb{dev_id}.target"
+        self.transient_unit(
+            f"ublkd-order-{name}-ublkb{dev_id}.service",
+            f"Order /dev/ublkb{dev_id} of {unit} after its file systems",
+            [f"PartOf={unit}", f"After={unit}", f"Wants={target}", f"Before={target}"])
+        if backing:
+            self.transient_unit(
+                f"ublkd-order-{name}-backing.service",
+                f"Keep the backing file of {unit} mounted while it runs",
+                [f"PartOf={unit}", f"Before={unit}", f"RequiresMountsFor={backing}"])
+
+    @staticmethod
+    def transient_unit(name: str, description: str, properties: list[str]) -> None:
+        """Start a do-nothing unit whose only job is its dependencies."""
+        if subprocess.run(["systemctl", "is-active", "--quiet", name]).returncode == 0:
+            return
+        result = subprocess.run(
+            ["systemd-run", "--no-block", "--quiet", f"--unit={name}",
+             f"--description={description}", "--service-type=oneshot",
+             "--property=RemainAfterExit=yes",
+             *(f"--property={p}" for p in properties), "/bin/true"],
+            capture_output=True, text=True,
+        )
+        if result.returncode != 0:
+            log.warning("could not start %s (%s): %s", name, description,
+                        result.stderr.strip())

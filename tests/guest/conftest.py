@@ -19,7 +19,7 @@ from tests.testbed import Guest, GuestConfig, KernelBuild, prepare
 CHECKOUT = Path(__file__).resolve().parents[2]
 LOG_ROOT = CHECKOUT / "build" / "testbed"
 KEEP_RUNS = 5
-BOOTS: list[str] = []  # one line per guest boot, for the terminal summary
+REPORT: list[str] = []  # measurements shown in the terminal summary (boot times, ...)
 
 
 def new_run_dir() -> Path:
@@ -52,7 +52,7 @@ def guest(kernel: KernelBuild, guest_logs: Path):
     yield machine
     machine.shutdown()
     disk.unlink(missing_ok=True)
-    BOOTS.append(
+    REPORT.append(
         f"session guest: {machine.boots} boot(s), last {machine.boot_seconds:.1f} s guest "
         f"uptime / {machine.boot_wall_seconds:.1f} s wall to agent ready; logs in {guest_logs}"
     )
@@ -69,8 +69,14 @@ def clean_guest(guest):
     assert remaining == "", f"left behind: {remaining}"
 
 
+@pytest.fixture
+def report():
+    """Call report(line) to show a measurement in the run's summary."""
+    return REPORT.append
+
+
 def pytest_terminal_summary(terminalreporter):
-    for line in BOOTS:
+    for line in REPORT:
         terminalreporter.write_line(line)
 
 

@@ -11,7 +11,6 @@ Logs go to build/testbed/manual-<time>/ in the checkout.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path

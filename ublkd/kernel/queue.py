@@ -48,6 +48,7 @@ class Queue:
         self.stop = threading.Event()  # leave without waiting for ABORTs (never started)
         self.error: BaseException | None = None
         self.heartbeat = time.monotonic()  # the loop ran; for the watchdog
+        self.backend_started = [0.0] * depth  # per tag: when its backend I/O began
         self.thread = threading.Thread(target=self._run, name=f"ublk-queue-{q_id}", daemon=True)
 
     def start(self) -> None:
@@ -59,6 +60,11 @@ class Queue:
     @property
     def alive(self) -> bool:
         return self.thread.is_alive()
+
+    def stalled_since(self) -> float | None:
+        """When the oldest backend I/O still in flight began, or None."""
+        started = [t for t in self.backend_started if t]
+        return min(started) if started else None
 
     def _run(self) -> None:
         try:
@@ -108,6 +114,7 @@ class Queue:
                 tag = user_data & TAG_MASK
                 buffer = base + tag * buffer_size
                 if user_data & BACKEND_IO:
+                    self.backend_started[tag] = 0.0
                     self._commit(ring, tag, result, buffer)
                 elif result == uapi.UBLK_IO_RES_OK:
                     self._dispatch(ring, descriptors, tag, buffer)
@@ -122,7 +129,9 @@ class Queue:
         request = Request(op=op_flags & 0xFF, offset=start_sector << 9,
                           length=nr_sectors << 9, buffer=buffer)
         result = self.backend.submit(ring, request, tag | BACKEND_IO)
-        if result is not None:
+        if result is None:
+            self.backend_started[tag] = time.monotonic()
+        else:
             self._commit(ring, tag, result, buffer)
 
     def _commit(self, ring: Ring, tag: int, result: int, buffer: int) -> None:

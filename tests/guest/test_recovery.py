@@ -1,0 +1,260 @@
+"""ublkd@NAME under systemd: the device survives its daemon.
+
+Every test here uses the installed units (make install-units) with systemd
+as PID 1 and the real ublk driver, and checks what a user would: the same
+/dev/ublkbN (major:minor), the mount still there, fio's verify, e2fsck,
+`systemctl show` states, the journal.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+
+import pytest
+
+from tests.guest.serving import (CHECKOUT, STATE_DIR, ServedDevice, fio_jobs, ublkd,
+                                 write_config)
+from tests.testbed import Result
+
+BACKING = "/var/tmp/vol0.img"
+MNT = "/mnt/vol0"
+
+
+@pytest.fixture(scope="session")
+def units_installed(guest):
+    guest.run(f"make -s -C {CHECKOUT} install-units")
+    return guest
+
+
+@pytest.fixture
+def systemd_guest(units_installed):
+    guest = units_installed
+    yield guest
+    guest.run(f"umount -q {MNT} 2>/dev/null; systemctl stop 'ublkd@*' 'ublkd-giveup@*' "
+              f"'ublkd-recover@*'; systemctl reset-failed 'ublkd*'; true", timeout=300)
+    leftover = guest.run(f"find /sys/class/ublk-char/ {STATE_DIR} -mindepth 1 2>/dev/null; "
+                         f"true").stdout.strip()
+    guest.run(f"rm -f /var/tmp/*.img* /etc/ublkd/*.toml; rm -rf {STATE_DIR}")
+    assert leftover == "", f"left behind after stop: {leftover}"
+
+
+def show(guest, unit: str, *properties: str) -> dict[str, str]:
+    out = guest.run(["systemctl", "show", unit, "-p", ",".join(properties)]).stdout
+    return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
+
+
+def start(guest, name: str, config: str) -> dict:
+    write_config(guest, name, config)
+    guest.run(f"systemctl start ublkd@{name}", timeout=180)
+    return json.loads(ublkd(guest, "status", name, "--json").stdout)
+
+
+def kill_and_wait_live(guest, name: str, signal: str = "KILL", timeout: int = 120) -> float:
+    """Kill the serving process; return guest seconds until a new one is READY.
+
+    Polls `systemctl show` (C, cheap) in a guest-side loop so the number is
+    the guest's own clock, not the host's view through the agent.
+    """
+    script = f"""
+        unit=ublkd@{name}.service
+        old=$(systemctl show -p MainPID --value $unit)
+        [ "$old" -gt 0 ] || {{ echo "no main pid"; exit 1; }}
+        start=$(date +%s%N)
+        kill -{signal} $old
+        while :; do
+            pid=$(systemctl show -p MainPID --value $unit)
+            state=$(systemctl show -p ActiveState --value $unit)
+            sub=$(systemctl show -p SubState --value $unit)
+            if [ "$pid" != "$old" ] && [ "$pid" -gt 0 ] && [ "$state" = active ] \\
+               && [ "$sub" = running ]; then break; fi
+            if [ $(( $(date +%s%N) - start )) -gt {timeout}000000000 ]; then
+                echo "not back after {timeout} s: $state/$sub pid $pid"; exit 1
+            fi
+            sleep 0.05
+        done
+        echo $(( ($(date +%s%N) - start) / 1000000 ))
+    """
+    millis = guest.run(script, timeout=timeout + 60).stdout.strip().splitlines()[-1]
+    return int(millis) / 1000
+
+
+def devnum(guest, path: str) -> str:
+    return guest.run(f"stat -c %t:%T {path}").stdout.strip()
+
+
+def run_in_background(guest, command: str, timeout: float = 1800):
+    """Run `command` in the guest from a host thread; returns (thread, box)."""
+    box: list[Result] = []
+    thread = threading.Thread(
+        target=lambda: box.append(guest.run(command, check=False, timeout=timeout)),
+        daemon=True)
+    thread.start()
+    return thread, box
+
+
+def test_units_verify_clean(units_installed):
+    # The man pages come with the package; the checkout's units are verified
+    # without them.
+    guest = units_installed
+    result = guest.run("systemd-analyze verify --man=no ublkd@vol0.service ublkd-giveup@vol0.service "
+                       "ublkd-recover@vol0.service 2>&1", check=False)
+    assert result.rc == 0 and result.stdout.strip() == "", result.describe()
+
+
+def test_reissue_survives_five_kills_under_fio_through_ext4(systemd_guest, report):
+    guest = systemd_guest
+    status = start(guest, "vol0", f'backend = "file"\npath = "{BACKING}"\nsize = "512MiB"\n')
+    dev = status["device"]
+    before = devnum(guest, dev)
+    guest.run(f"mkfs.ext4 -q {dev} && mkdir -p {MNT} && mount {dev} {MNT}")
+    fio, box = run_in_background(
+        guest,
+        f"fio --name=fsverify --directory={MNT} --rw=randwrite --bs=4k --size=48M "
+        f"--numjobs=2 --ioengine=libaio --iodepth=8 --direct=1 --fsync=32 "
+        f"--verify=crc32c --verify_fatal=1 --output-format=json")
+    times = []
+    for _ in range(5):
+        guest.run("sleep 2")
+        times.append(kill_and_wait_live(guest, "vol0"))
+    fio.join(1800)
+    result = box[0]
+    assert result.rc == 0, result.describe()
+    assert [job["error"] for job in fio_jobs(result)] == [0, 0]
+    assert devnum(guest, dev) == before
+    assert f"{dev} {MNT} ext4" in guest.read_file("/proc/mounts")
+    assert show(guest, "ublkd@vol0", "NRestarts")["NRestarts"] == "5"
+    journal = guest.journal("-u", "ublkd@vol0")
+    assert len(re.findall(rf"vol0: recovered {dev}", journal)) == 5, journal
+    guest.run(f"umount {MNT} && e2fsck -fn {dev}")
+    report(f"reissue, ext4 + fio: kill -9 to LIVE again (guest s): "
+           f"{', '.join(f'{t:.2f}' for t in times)}")
+
+
+@pytest.mark.parametrize("signal", ["SEGV", "ABRT"])
+def test_crash_signals_recover_the_same_device(systemd_guest, signal):
+    guest = systemd_guest
+    status = start(guest, "vol0", f'backend = "file"\npath = "{BACKING}"\nsize = "64MiB"\n'
+                                  f'recovery = "abort"\n')
+    dev = status["device"]
+    guest.run(f"head -c 1M /dev/urandom > /tmp/p && dd if=/tmp/p of={dev} bs=1M "
+              f"oflag=direct status=none")
+    before = devnum(guest, dev)
+    kill_and_wait_live(guest, "vol0", signal)
+    assert devnum(guest, dev) == before
+    guest.run(f"cmp -n 1048576 /tmp/p {dev}")
+    unit = show(guest, "ublkd@vol0", "NRestarts", "ActiveState")
+    assert unit == {"NRestarts": "1", "ActiveState": "active"}
+
+
+def test_stopped_daemon_is_killed_by_the_watchdog_and_recovers(systemd_guest):
+    guest = systemd_guest
+    status = start(guest, "vol0", f'backend = "file"\npath = "{BACKING}"\nsize = "64MiB"\n')
+    dev = status["device"]
+    seconds = kill_and_wait_live(guest, "vol0", "STOP", timeout=180)
+    assert seconds >= 15  # WatchdogSec=20s: it was the watchdog, not a crash
+    assert "Watchdog timeout" in guest.journal("-u", "ublkd@vol0")
+    guest.run(f"dd if=/dev/urandom of={dev} bs=4k count=16 oflag=direct status=none")
+
+
+def test_status_line_and_journal_name_the_device(systemd_guest):
+    guest = systemd_guest
+    status = start(guest, "vol0", f'backend = "file"\npath = "{BACKING}"\nsize = "64MiB"\n')
+    dev = status["device"]
+    assert show(guest, "ublkd@vol0", "StatusText")["StatusText"] == \
+        f"{dev} LIVE, file backend, recovered 0 times"
+    kill_and_wait_live(guest, "vol0")
+    assert show(guest, "ublkd@vol0", "StatusText")["StatusText"] == \
+        f"{dev} LIVE, file backend, recovered 1 time"
+    text = guest.run("systemctl status ublkd@vol0 --no-pager", check=False).stdout
+    assert f"Status: \"{dev} LIVE, file backend, recovered 1 time\"" in text
+    journal = guest.journal("-u", "ublkd@vol0")
+    assert f"vol0: created {dev}" in journal
+    assert "Main process exited, code=killed, status=9/KILL" in journal
+    assert f"vol0: recovered {dev}" in journal
+
+
+def test_crash_between_start_and_end_of_recovery_still_recovers(systemd_guest):
+    """`ublkd recover` sends START_USER_RECOVERY and exits: exactly what a
+    daemon killed after START and before END leaves behind."""
+    guest = systemd_guest
+    write_config(guest, "vol0", f'backend = "file"\npath = "{BACKING}"\nsize = "64MiB"\n')
+    device = ServedDevice(guest, "vol0").start()
+    guest.run(f"head -c 1M /dev/urandom > /tmp/p && dd if=/tmp/p of={device.path} bs=1M "
+              f"oflag=direct status=none")
+    guest.run(f"kill -9 {device.pid}")
+    device.thread.join(60)
+    ublkd(guest, "recover", "vol0", timeout=120)
+    again = ServedDevice(guest, "vol0").start()
+    assert again.dev_id == device.dev_id
+    guest.run(f"cmp -n 1048576 /tmp/p {again.path}")
+    assert again.stop().rc == 0
+
+
+@pytest.mark.parametrize("policy", ["delete", "keep"])
+def test_crash_loop_past_the_start_limit_applies_on_give_up(systemd_guest, policy):
+    guest = systemd_guest
+    status = start(guest, "vol0", f'backend = "file"\npath = "{BACKING}"\nsize = "64MiB"\n'
+                                  f'on_give_up = "{policy}"\n')
+    dev = status["device"]
+    # The backing file disappears: every restart fails until systemd gives up.
+    guest.run(f"mv {BACKING} {BACKING}.away")
+    guest.run("systemctl kill -s KILL ublkd@vol0")
+    guest.run("for i in $(seq 600); do systemctl is-failed -q ublkd@vol0 && exit 0; "
+              "sleep 0.2; done; exit 1", timeout=200)
+    guest.run("for i in $(seq 300); do systemctl is-active -q ublkd-giveup@vol0 && exit 0; "
+              "sleep 0.2; done; exit 1", timeout=100)
+    assert int(show(guest, "ublkd@vol0", "NRestarts")["NRestarts"]) >= 5
+    giveup_log = guest.journal("-u", "ublkd-giveup@vol0")
+    if policy == "delete":
+        assert "deleted" in giveup_log
+        assert guest.run(f"test -e {dev}", check=False).rc == 1
+        assert guest.run(f"test -e {STATE_DIR}/vol0.json", check=False).rc == 1
+        return
+    assert "is kept" in giveup_log
+    assert guest.run(f"test -b {dev}", check=False).rc == 0
+    guest.run(f"mv {BACKING}.away {BACKING}")
+    guest.run("systemctl start ublkd-recover@vol0", timeout=120)
+    guest.run("for i in $(seq 300); do systemctl is-active -q ublkd@vol0 && exit 0; "
+              "sleep 0.2; done; exit 1", timeout=100)
+    assert ublkd(guest, "status", "vol0", "--json").stdout.count('"LIVE"') == 1
+
+
+def test_stop_removes_device_and_state_and_start_works_again(systemd_guest):
+    guest = systemd_guest
+    config = f'backend = "file"\npath = "{BACKING}"\nsize = "64MiB"\n'
+    dev = start(guest, "vol0", config)["device"]
+    guest.run("systemctl stop ublkd@vol0")
+    assert guest.run(f"test -e {dev}", check=False).rc == 1
+    assert guest.run(f"test -e {STATE_DIR}/vol0.json", check=False).rc == 1
+    assert show(guest, "ublkd@vol0", "ActiveState", "Result") == \
+        {"ActiveState": "inactive", "Result": "success"}
+    assert start(guest, "vol0", config)["state"] == "LIVE"
+
+
+def test_reboot_unmounts_first_and_leaves_no_debris(systemd_guest):
+    """The state directory lives on the persistent disk; after a reboot
+    with a mounted file system on the device, the next start is clean."""
+    guest = systemd_guest
+    guest.run("mkfs.ext4 -q -F /dev/vda && mkdir -p /var/lib/ublkd /srv/images && "
+              "mount /dev/vda /srv/images && mkdir -p /srv/images/state && "
+              "mount --bind /srv/images/state /var/lib/ublkd")
+    config = 'backend = "file"\npath = "/srv/images/vol0.img"\nsize = "64MiB"\n'
+    dev = start(guest, "vol0", config)["device"]
+    guest.run(f"mkfs.ext4 -q {dev} && mkdir -p {MNT} && mount {dev} {MNT} && "
+              f"echo hello > {MNT}/file")
+    guest.reboot()
+    # systemd prints each unit it stops on the console (show_status).
+    console = (guest.log_dir / f"console-boot{guest.boots - 1}.log").read_text(errors="replace")
+    assert console.index("Unmounted /mnt/vol0") < console.index("Stopped ublk block device vol0")
+    assert console.index("Stopped ublk block device vol0") < console.index("Unmounted /srv/images")
+    guest.run(f"make -s -C {CHECKOUT} install-units")
+    guest.run("mount /dev/vda /srv/images && mkdir -p /var/lib/ublkd && "
+              "mount --bind /srv/images/state /var/lib/ublkd")
+    assert guest.run("ls /var/lib/ublkd").stdout.strip() == ""
+    dev = start(guest, "vol0", config)["device"]
+    guest.run(f"mkdir -p {MNT} && mount {dev} {MNT}")
+    assert guest.read_file(f"{MNT}/file") == "hello\n"
+    guest.run(f"umount {MNT} && systemctl stop ublkd@vol0 && umount /var/lib/ublkd "
+              f"/srv/images")
