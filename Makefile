@@ -1,11 +1,15 @@
 # ublkd developer entry points.  `make check` is the test command of the
-# README and of CI; `make demo` comes with the recovery work.
+# README and of CI; `make demo` is the README's demo.
 PYTHON := .venv/bin/python
 
-.PHONY: check bootstrap unit-test guest-shell bench install-units clean
+.PHONY: check demo bootstrap unit-test guest-shell bench install-units clean
 
 check: bootstrap
 	$(PYTHON) -m pytest
+
+# The demo: a device outlives kills of its daemon (tests/testbed/demo.py).
+demo: bootstrap
+	$(PYTHON) -m tests.testbed demo
 
 bootstrap:
 	./scripts/bootstrap

@@ -132,7 +132,7 @@ class Device:
     # -- create ----------------------------------------------------------------
     def create_and_serve(self, previous: DeviceState | None) -> None:
         with contextlib.ExitStack() as undo:
-            backend = open_backend(self.config)
+            backend = open_backend(self.config, may_create=previous is None)
             undo.callback(backend.close)
             undo.callback(remove_state, self.name)
             self.info = self.add_device(self.wanted_id(previous))
@@ -225,7 +225,7 @@ class Device:
         self.check_config_still_fits(previous)
         started = time.monotonic()
         with contextlib.ExitStack() as undo:
-            backend = open_backend(self.config)
+            backend = open_backend(self.config, may_create=False)
             undo.callback(backend.close)
             self.start_user_recovery()
             self.save_state(generation=next_generation(previous), created=previous.created)

@@ -93,3 +93,57 @@ def leftovers(guest: Guest) -> str:
         f"ls /sys/class/ublk-char/ 2>/dev/null; ls /dev/ | grep '^ublk[bc]' ; "
         f"ls {STATE_DIR} 2>/dev/null; true"
     ).stdout.strip()
+
+
+def show(guest, unit: str, *properties: str) -> dict[str, str]:
+    out = guest.run(["systemctl", "show", unit, "-p", ",".join(properties)]).stdout
+    return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
+
+
+def start(guest, name: str, config: str) -> dict:
+    write_config(guest, name, config)
+    guest.run(f"systemctl start ublkd@{name}", timeout=180)
+    return json.loads(ublkd(guest, "status", name, "--json").stdout)
+
+
+def kill_and_wait_live(guest, name: str, signal: str = "KILL", timeout: int = 120) -> float:
+    """Kill the serving process; return guest seconds until a new one is READY.
+
+    Polls `systemctl show` (C, cheap) in a guest-side loop so the number is
+    the guest's own clock, not the host's view through the agent.
+    """
+    script = f"""
+        unit=ublkd@{name}.service
+        old=$(systemctl show -p MainPID --value $unit)
+        [ "$old" -gt 0 ] || {{ echo "no main pid"; exit 1; }}
+        start=$(date +%s%N)
+        kill -{signal} $old
+        while :; do
+            pid=$(systemctl show -p MainPID --value $unit)
+            state=$(systemctl show -p ActiveState --value $unit)
+            sub=$(systemctl show -p SubState --value $unit)
+            if [ "$pid" != "$old" ] && [ "$pid" -gt 0 ] && [ "$state" = active ] \\
+               && [ "$sub" = running ]; then break; fi
+            if [ $(( $(date +%s%N) - start )) -gt {timeout}000000000 ]; then
+                echo "not back after {timeout} s: $state/$sub pid $pid"; exit 1
+            fi
+            sleep 0.05
+        done
+        echo $(( ($(date +%s%N) - start) / 1000000 ))
+    """
+    millis = guest.run(script, timeout=timeout + 60).stdout.strip().splitlines()[-1]
+    return int(millis) / 1000
+
+
+def devnum(guest, path: str) -> str:
+    return guest.run(f"stat -c %t:%T {path}").stdout.strip()
+
+
+def run_in_background(guest, command: str, timeout: float = 1800):
+    """Run `command` in the guest from a host thread; returns (thread, box)."""
+    box: list[Result] = []
+    thread = threading.Thread(
+        target=lambda: box.append(guest.run(command, check=False, timeout=timeout)),
+        daemon=True)
+    thread.start()
+    return thread, box

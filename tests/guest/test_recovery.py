@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import json
 import re
-import threading
 
 import pytest
 
-from tests.guest.serving import (CHECKOUT, STATE_DIR, ServedDevice, fio_jobs, ublkd,
+from tests.guest.serving import (CHECKOUT, STATE_DIR, ServedDevice, devnum, fio_jobs,
+                                 kill_and_wait_live, run_in_background, show, start, ublkd,
                                  write_config)
-from tests.testbed import Result
 
 BACKING = "/var/tmp/vol0.img"
 MNT = "/mnt/vol0"
@@ -38,60 +37,6 @@ def systemd_guest(units_installed):
                          f"true").stdout.strip()
     guest.run(f"rm -f /var/tmp/*.img* /etc/ublkd/*.toml; rm -rf {STATE_DIR}")
     assert leftover == "", f"left behind after stop: {leftover}"
-
-
-def show(guest, unit: str, *properties: str) -> dict[str, str]:
-    out = guest.run(["systemctl", "show", unit, "-p", ",".join(properties)]).stdout
-    return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
-
-
-def start(guest, name: str, config: str) -> dict:
-    write_config(guest, name, config)
-    guest.run(f"systemctl start ublkd@{name}", timeout=180)
-    return json.loads(ublkd(guest, "status", name, "--json").stdout)
-
-
-def kill_and_wait_live(guest, name: str, signal: str = "KILL", timeout: int = 120) -> float:
-    """Kill the serving process; return guest seconds until a new one is READY.
-
-    Polls `systemctl show` (C, cheap) in a guest-side loop so the number is
-    the guest's own clock, not the host's view through the agent.
-    """
-    script = f"""
-        unit=ublkd@{name}.service
-        old=$(systemctl show -p MainPID --value $unit)
-        [ "$old" -gt 0 ] || {{ echo "no main pid"; exit 1; }}
-        start=$(date +%s%N)
-        kill -{signal} $old
-        while :; do
-            pid=$(systemctl show -p MainPID --value $unit)
-            state=$(systemctl show -p ActiveState --value $unit)
-            sub=$(systemctl show -p SubState --value $unit)
-            if [ "$pid" != "$old" ] && [ "$pid" -gt 0 ] && [ "$state" = active ] \\
-               && [ "$sub" = running ]; then break; fi
-            if [ $(( $(date +%s%N) - start )) -gt {timeout}000000000 ]; then
-                echo "not back after {timeout} s: $state/$sub pid $pid"; exit 1
-            fi
-            sleep 0.05
-        done
-        echo $(( ($(date +%s%N) - start) / 1000000 ))
-    """
-    millis = guest.run(script, timeout=timeout + 60).stdout.strip().splitlines()[-1]
-    return int(millis) / 1000
-
-
-def devnum(guest, path: str) -> str:
-    return guest.run(f"stat -c %t:%T {path}").stdout.strip()
-
-
-def run_in_background(guest, command: str, timeout: float = 1800):
-    """Run `command` in the guest from a host thread; returns (thread, box)."""
-    box: list[Result] = []
-    thread = threading.Thread(
-        target=lambda: box.append(guest.run(command, check=False, timeout=timeout)),
-        daemon=True)
-    thread.start()
-    return thread, box
 
 
 def test_units_verify_clean(units_installed):
@@ -246,9 +191,12 @@ def test_reboot_unmounts_first_and_leaves_no_debris(systemd_guest):
               f"echo hello > {MNT}/file")
     guest.reboot()
     # systemd prints each unit it stops on the console (show_status).
-    console = (guest.log_dir / f"console-boot{guest.boots - 1}.log").read_text(errors="replace")
-    assert console.index("Unmounted /mnt/vol0") < console.index("Stopped ublk block device vol0")
-    assert console.index("Stopped ublk block device vol0") < console.index("Unmounted /srv/images")
+    log = (guest.log_dir / f"console-boot{guest.boots - 1}.log").read_text(errors="replace")
+    console = re.sub(r"\x1b\[[0-9;]*m", "", log)
+    stopped = [console.index(line) for line in ("Unmounted mnt-vol0.mount",
+                                                "Stopped ublkd@vol0.service",
+                                                "Unmounted srv-images.mount")]
+    assert stopped == sorted(stopped), console[-3000:]
     guest.run(f"make -s -C {CHECKOUT} install-units")
     guest.run("mount /dev/vda /srv/images && mkdir -p /var/lib/ublkd && "
               "mount --bind /srv/images/state /var/lib/ublkd")
@@ -258,3 +206,29 @@ def test_reboot_unmounts_first_and_leaves_no_debris(systemd_guest):
     assert guest.read_file(f"{MNT}/file") == "hello\n"
     guest.run(f"umount {MNT} && systemctl stop ublkd@vol0 && umount /var/lib/ublkd "
               f"/srv/images")
+
+
+def test_abort_mode_fails_only_in_flight_writes_and_keeps_acknowledged_ones(systemd_guest,
+                                                                            report):
+    """recovery = "abort" on the raw device: requests the dead daemon had
+    taken fail with EIO (at most one per writer per kill, as each writer has
+    one request in flight), and every acknowledged write reads back."""
+    guest = systemd_guest
+    threads, kills = 8, 5
+    status = start(guest, "vol0", f'backend = "file"\npath = "{BACKING}"\nsize = "64MiB"\n'
+                                  f'recovery = "abort"\n')
+    writer, box = run_in_background(
+        guest, f"rm -f /tmp/stop; /usr/bin/python3 {CHECKOUT}/tests/guest/ackwriter.py "
+               f"{status['device']} {threads} 4096 /tmp/stop")
+    for _ in range(kills):
+        guest.run("sleep 2")
+        kill_and_wait_live(guest, "vol0")
+    guest.run("sleep 2; touch /tmp/stop")
+    writer.join(600)
+    assert box[0].rc == 0, box[0].describe()
+    result = json.loads(box[0].stdout)
+    assert result["bad"] == [], result
+    assert result["errors"] <= threads * kills, result
+    assert result["writes"] > 1000, result
+    report(f"abort mode, {kills} kills: {result['writes']} writes acknowledged, "
+           f"{result['errors']} failed with EIO, {len(result['bad'])} bad blocks")

@@ -5,6 +5,7 @@
                  terminal (Ctrl-A X quits qemu; Ctrl-A C its monitor)
   run CMD...     boot a guest, run CMD in it through the agent, print its
                  output and exit with its exit code, then power off
+  demo           the demo: a ublk device outliving kills of its daemon
 Logs go to build/testbed/manual-<time>/ in the checkout.
 """
 
@@ -27,9 +28,13 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("action", choices=("prepare", "shell", "run"))
+    parser.add_argument("action", choices=("prepare", "shell", "run", "demo"))
     parser.add_argument("command", nargs=argparse.REMAINDER)
     args = parser.parse_args(argv)
+    if args.action == "demo":
+        from .demo import main as demo
+
+        return demo()
     kernel = prepare()
     if args.action == "prepare":
         print(f"kernel {kernel.version}\n  {kernel.vmlinuz}\n  {kernel.initramfs}")

@@ -170,6 +170,7 @@ class Guest:
             "systemd.unit=ublkd-testbed.target",
             "modules-load=ublk_drv",
             "systemd.show_status=1",
+            "systemd.status_unit_format=name",  # "Stopped ublkd@vol0.service." on the console
             *(["testbed.shell"] if cfg.interactive else []),
             *cfg.kernel_args,
         ]

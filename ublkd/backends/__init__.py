@@ -44,12 +44,17 @@ class Backend(ABC):
         """Release what open_backend took."""
 
 
-def open_backend(config: DeviceConfig) -> Backend:
-    """The backend `config` asks for, opened and checked."""
+def open_backend(config: DeviceConfig, may_create: bool = True) -> Backend:
+    """The backend `config` asks for, opened and checked.
+
+    may_create=False when the device held data before (a recovery, or a
+    state file left by a reboot): a missing backing file is then an error,
+    never a new empty file that would silently replace the data.
+    """
     if config.backend == "null":
         from ublkd.backends.null import NullBackend
 
         return NullBackend(config)
     from ublkd.backends.file import FileBackend
 
-    return FileBackend(config)
+    return FileBackend(config, may_create)

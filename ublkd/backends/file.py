@@ -29,10 +29,10 @@ FALLOC_FL_ZERO_RANGE = 0x10
 class FileBackend(Backend):
     supports_discard = True
 
-    def __init__(self, config: DeviceConfig):
+    def __init__(self, config: DeviceConfig, may_create: bool = True):
         self.path = config.path
         self.fd = -1
-        ensure_exists(config)
+        ensure_exists(config, may_create)
         self.fd, self.direct = open_backing(self.path, config.logical_block_size)
         try:
             lock_exclusively(self.fd, config)
@@ -65,11 +65,18 @@ class FileBackend(Backend):
             self.fd = -1
 
 
-def ensure_exists(config: DeviceConfig) -> None:
+def ensure_exists(config: DeviceConfig, may_create: bool) -> None:
     """Create a missing backing file, sparse, when the config gives a size."""
     path: Path = config.path
     if path.exists():
         return
+    if not may_create:
+        raise BackendError(
+            f"{config.source}: backing file {path} is missing, but device {config.name} "
+            f"had data in it (its state file says so). Is the file system holding it "
+            f"mounted? ublkd does not create a new empty file in its place; to start "
+            f"over empty, remove the device (`ublkd delete {config.name}`) first."
+        )
     if config.size is None:
         raise BackendError(
             f"{config.source}: backing file {path} does not exist. Create it "
