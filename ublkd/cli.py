@@ -10,7 +10,7 @@ import os
 import sys
 from pathlib import Path
 
-from ublkd import __version__, daemon
+from ublkd import __version__, daemon, systemd
 from ublkd.config import format_size, load_config, validate_name
 from ublkd.errors import EXIT_INTERNAL, DeviceBusyError, DeviceNotFoundError, UblkdError
 from ublkd.kernel import uapi
@@ -58,6 +58,7 @@ examples:
   ublkd list                every ublk device and every device ublkd knows
   ublkd status vol0 --json  one device, as JSON
   ublkd delete vol0         remove vol0's device after its daemon is gone
+  ublkd upgrade vol0        hand vol0 over to the ublkd installed now
   ublkd recover vol0        start recovering vol0 by hand (see also
                             ublkd-recover@vol0.service)
 
@@ -108,6 +109,18 @@ def build_parser() -> argparse.ArgumentParser:
     delete.add_argument("name", metavar="NAME")
     delete.set_defaults(func=cmd_delete)
 
+    upgrade = commands.add_parser(
+        "upgrade", help="hand a running device over to a new ublkd process",
+        description="Make the daemon of ublkd@NAME hand its device over to a new process "
+                    "started from the ublkd installed now (the package's postinst runs "
+                    "this after an upgrade): the daemon finishes its backend I/O in "
+                    "flight and exits; systemd starts the new one, which recovers the "
+                    "device. With recovery = \"reissue\" applications see no error; the "
+                    "device, its number and its mounts stay. Waits until the new daemon "
+                    "is ready.")
+    upgrade.add_argument("name", metavar="NAME")
+    upgrade.set_defaults(func=cmd_upgrade)
+
     recover = commands.add_parser(
         "recover", help="start the recovery of a device whose daemon died",
         description="Send START_USER_RECOVERY for device NAME, retrying for up to 30 s "
@@ -154,7 +167,16 @@ def main(argv: list[str] | None = None) -> int:
 
 # -- commands ------------------------------------------------------------------
 def cmd_serve(args: argparse.Namespace) -> int:
-    daemon.serve(load_config(validate_name(args.name)))
+    return daemon.serve(load_config(validate_name(args.name)))
+
+
+def cmd_upgrade(args: argparse.Namespace) -> int:
+    name = validate_name(args.name)
+    daemon.require_root()
+    old, new = systemd.hand_over(f"ublkd@{name}.service")
+    state = load_state(name)
+    print(f"{name}: /dev/ublkb{state.dev_id} handed over from pid {old} to pid {new} "
+          f"(ublkd {state.version})")
     return 0
 
 
@@ -284,6 +306,7 @@ def device_row(dev_id: int, info: DeviceInfo | None, state: DeviceState | None) 
         "queues": info.nr_queues if info else None,
         "queue_depth": info.queue_depth if info else None,
         "generation": state.generation if state else None,
+        "version": state.version if state else None,
     }
 
 

@@ -53,6 +53,7 @@ CHAR_DEVICE_WAIT = 5.0  # seconds for /dev/ublkcN to appear after ADD_DEV
 RECOVERY_WAIT = 30.0  # seconds START_USER_RECOVERY is retried while EBUSY
 RECOVERY_RETRY = 0.1
 QUEUE_SILENCE_LIMIT = 10.0  # a queue loop that has not run for this long is stuck
+EXIT_HANDED_OVER = 75  # SIGUSR2: left the device to a successor (the unit restarts us)
 
 RECOVERY_FLAGS = {
     "reissue": uapi.UBLK_F_USER_RECOVERY | uapi.UBLK_F_USER_RECOVERY_REISSUE,
@@ -93,18 +94,21 @@ class Device:
         self.notifier = notifier
         self.name = config.name
         self.stop_requested = threading.Event()
+        self.handover_requested = threading.Event()
         self.queues: list[Queue] = []
         self.info: DeviceInfo | None = None
         self.state: DeviceState | None = None
 
     # -- deciding --------------------------------------------------------------
-    def run(self) -> None:
+    def run(self) -> int:
+        """Serve until stopped (0) or until handed over to a successor."""
         previous = load_state(self.name)
         existing = self.existing_device(previous)
         if existing is None:
             self.create_and_serve(previous)
         else:
             self.recover_and_serve(previous, existing)
+        return EXIT_HANDED_OVER if self.handover_requested.is_set() else 0
 
     def existing_device(self, previous: DeviceState | None) -> DeviceInfo | None:
         """The kernel's device named by our state file, if there is one to recover."""
@@ -149,6 +153,7 @@ class Device:
                      "recovery %s)", self.name, self.info.dev_id, self.config.backend,
                      self.info.nr_queues, self.info.queue_depth, self.config.recovery)
             self.serve_until_stopped()
+            self.hand_over_if_asked(undo)
 
     def wanted_id(self, previous: DeviceState | None) -> int | None:
         """The configured id; else the id we had before, when it is free again."""
@@ -245,6 +250,7 @@ class Device:
             log.info("%s: recovered /dev/ublkb%d in %.2f s (recovery %d)", self.name,
                      info.dev_id, time.monotonic() - started, self.state.generation - 1)
             self.serve_until_stopped()
+            self.hand_over_if_asked(undo)
 
     def check_config_still_fits(self, previous: DeviceState) -> None:
         """The kernel keeps size, queues and flags; a config that changed them
@@ -347,8 +353,30 @@ class Device:
             else:
                 log.error("%s: %s; not pinging the watchdog", self.name, problem)
                 self.notifier.status(self.status_line(f"unhealthy: {problem}"))
+        if self.handover_requested.is_set():
+            self.notifier.status(self.status_line("handing over"))
+            return
         self.notifier.stopping(self.status_line("stopping"))
         log.info("%s: stopping /dev/ublkb%d", self.name, self.info.dev_id)
+
+    def hand_over_if_asked(self, undo: contextlib.ExitStack) -> None:
+        """SIGUSR2: leave the device LIVE-but-serverless to a new process.
+
+        Backend I/O in flight is finished and committed; what the kernel
+        hands us after that is left fetched, and the kernel re-issues it
+        to the next server (recovery = "reissue": no error for anyone).
+        The device, its state file and the backend stay; the unit's
+        restart starts the successor, which recovers the device.
+        """
+        if not self.handover_requested.is_set():
+            return
+        undo.pop_all()
+        for queue in self.queues:
+            queue.handover.set()
+        for queue in self.queues:
+            queue.join()
+        log.info("%s: handed /dev/ublkb%d over; the next ublkd recovers it",
+                 self.name, self.info.dev_id)
 
     def health_problem(self) -> str | None:
         """Why I/O is not flowing, or None: every queue thread alive, its loop
@@ -391,18 +419,21 @@ class Device:
 
     def request_stop(self, signum: int, _frame) -> None:
         log.info("%s: %s received", self.name, signal.Signals(signum).name)
+        if signum == signal.SIGUSR2:
+            self.handover_requested.set()
         self.stop_requested.set()
 
 
-def serve(config: DeviceConfig) -> None:
-    """Create or recover the device `config` describes; serve it until SIGTERM/SIGINT."""
+def serve(config: DeviceConfig) -> int:
+    """Create or recover the device `config` describes; serve it until SIGTERM/SIGINT
+    (returns 0) or SIGUSR2 (hands it over, returns EXIT_HANDED_OVER)."""
     require_root()
     faulthandler.enable()  # SIGABRT from the watchdog prints every thread's stack
     with contextlib.closing(ControlDevice()) as control:
         device = Device(config, control, Notifier())
-        signal.signal(signal.SIGTERM, device.request_stop)
-        signal.signal(signal.SIGINT, device.request_stop)
-        device.run()
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR2):
+            signal.signal(signum, device.request_stop)
+        return device.run()
 
 
 def recover(config: DeviceConfig) -> int:

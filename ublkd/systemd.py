@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import sdnotify
+
+from ublkd.errors import DeviceNotFoundError, KernelError
 
 log = logging.getLogger(__name__)
 
@@ -129,16 +132,57 @@ class Notifier:
 
     @staticmethod
     def transient_unit(name: str, description: str, properties: list[str]) -> None:
-        """Start a do-nothing unit whose only job is its dependencies."""
+        """Start a do-nothing unit whose only job is its dependencies.
+
+        Without default dependencies, as ublkd@ itself: with them it would be
+        After=basic.target, hence after every local file system, including
+        the one on our device: an ordering cycle.
+        """
         if subprocess.run(["systemctl", "is-active", "--quiet", name]).returncode == 0:
             return
         result = subprocess.run(
             ["systemd-run", "--no-block", "--quiet", f"--unit={name}",
              f"--description={description}", "--service-type=oneshot",
-             "--property=RemainAfterExit=yes",
+             "--property=RemainAfterExit=yes", "--property=DefaultDependencies=no",
+             "--property=Conflicts=shutdown.target", "--property=Before=shutdown.target",
              *(f"--property={p}" for p in properties), "/bin/true"],
             capture_output=True, text=True,
         )
         if result.returncode != 0:
             log.warning("could not start %s (%s): %s", name, description,
                         result.stderr.strip())
+
+
+def unit_state(unit: str) -> tuple[str, str, int]:
+    """(ActiveState, SubState, MainPID) of `unit`, asked over D-Bus (pystemd)."""
+    from pystemd.systemd1 import Unit
+
+    with Unit(unit.encode(), _autoload=True) as handle:
+        return (handle.Unit.ActiveState.decode(), handle.Unit.SubState.decode(),
+                int(handle.Service.MainPID))
+
+
+def hand_over(unit: str, timeout: float = 120.0) -> tuple[int, int]:
+    """SIGUSR2 to the unit's daemon, then wait for its successor to be READY.
+
+    The daemon finishes its backend I/O and exits (EXIT_HANDED_OVER); the
+    unit restarts it from the binary installed now, which recovers the
+    device.  Returns (old pid, new pid).
+    """
+    from pystemd.systemd1 import Manager
+
+    active, _, old = unit_state(unit)
+    if active != "active" or old <= 0:
+        raise DeviceNotFoundError(f"{unit} is not running ({active}); nothing to hand over")
+    with Manager() as manager:
+        manager.Manager.KillUnit(unit.encode(), b"main", signal.SIGUSR2)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        active, sub, pid = unit_state(unit)
+        if active == "active" and sub == "running" and pid not in (0, old):
+            return old, pid
+        time.sleep(0.1)
+    raise KernelError(
+        f"{unit}: no new daemon READY {timeout:.0f} s after the hand-over "
+        f"({active}/{sub}); see `journalctl -u {unit}`"
+    )

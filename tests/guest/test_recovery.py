@@ -232,3 +232,27 @@ def test_abort_mode_fails_only_in_flight_writes_and_keeps_acknowledged_ones(syst
     assert result["writes"] > 1000, result
     report(f"abort mode, {kills} kills: {result['writes']} writes acknowledged, "
            f"{result['errors']} failed with EIO, {len(result['bad'])} bad blocks")
+
+
+def test_upgrade_hands_over_under_load_without_errors(systemd_guest):
+    guest = systemd_guest
+    status = start(guest, "vol0", f'backend = "file"\npath = "{BACKING}"\nsize = "256MiB"\n')
+    dev = status["device"]
+    before = devnum(guest, dev)
+    fio, box = run_in_background(
+        guest, f"fio --name=upgrade --filename={dev} --rw=randwrite --bs=4k --size=48M "
+               f"--ioengine=libaio --iodepth=16 --direct=1 --verify=crc32c --verify_fatal=1 "
+               f"--output-format=json")
+    guest.run("sleep 3")
+    out = ublkd(guest, "upgrade", "vol0", timeout=180).stdout
+    assert re.search(rf"vol0: {dev} handed over from pid {status['pid']} to pid \d+", out), out
+    fio.join(1800)
+    assert box[0].rc == 0, box[0].describe()
+    assert fio_jobs(box[0])[0]["error"] == 0
+    after = json.loads(ublkd(guest, "status", "vol0", "--json").stdout)
+    assert after["pid"] != status["pid"] and after["state"] == "LIVE"
+    assert after["generation"] == status["generation"] + 1
+    assert devnum(guest, dev) == before
+    unit = show(guest, "ublkd@vol0", "ActiveState", "Result")
+    assert unit == {"ActiveState": "active", "Result": "success"}
+    assert "handed /dev/ublkb" in guest.journal("-u", "ublkd@vol0")

@@ -46,6 +46,10 @@ class Queue:
         self.commit_op = commit_op
         self.fetching = threading.Event()  # every tag fetched: the queue is ready
         self.stop = threading.Event()  # leave without waiting for ABORTs (never started)
+        # Hand over to a successor: finish backend I/O in flight, take no new
+        # work (what is fetched then stays with the kernel, which re-issues
+        # it to the next server), leave.
+        self.handover = threading.Event()
         self.error: BaseException | None = None
         self.heartbeat = time.monotonic()  # the loop ran; for the watchdog
         self.backend_started = [0.0] * depth  # per tag: when its backend I/O began
@@ -108,6 +112,9 @@ class Queue:
         log.debug("queue %d: fetching %d tags", self.q_id, self.depth)
         active = self.depth
         while active and not self.stop.is_set():
+            if self.handover.is_set() and not any(self.backend_started):
+                log.info("queue %d: backend I/O drained, handing over", self.q_id)
+                return
             completions = ring.wait(1, timeout=WAKE_INTERVAL)
             self.heartbeat = time.monotonic()
             for user_data, result in completions:
@@ -117,7 +124,8 @@ class Queue:
                     self.backend_started[tag] = 0.0
                     self._commit(ring, tag, result, buffer)
                 elif result == uapi.UBLK_IO_RES_OK:
-                    self._dispatch(ring, descriptors, tag, buffer)
+                    if not self.handover.is_set():
+                        self._dispatch(ring, descriptors, tag, buffer)
                 elif result == uapi.UBLK_IO_RES_ABORT:
                     active -= 1
                 else:
