@@ -198,7 +198,7 @@ def test_reboot_unmounts_first_and_leaves_no_debris(systemd_guest):
                                                 "Unmounted srv-images.mount")]
     assert stopped == sorted(stopped), console[-3000:]
     guest.run(f"make -s -C {CHECKOUT} install-units")
-    guest.run("mount /dev/vda /srv/images && mkdir -p /var/lib/ublkd && "
+    guest.run("mkdir -p /srv/images /var/lib/ublkd && mount /dev/vda /srv/images && "
               "mount --bind /srv/images/state /var/lib/ublkd")
     assert guest.run("ls /var/lib/ublkd").stdout.strip() == ""
     dev = start(guest, "vol0", config)["device"]
