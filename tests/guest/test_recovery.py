@@ -256,3 +256,33 @@ def test_upgrade_hands_over_under_load_without_errors(systemd_guest):
     unit = show(guest, "ublkd@vol0", "ActiveState", "Result")
     assert unit == {"ActiveState": "active", "Result": "success"}
     assert "handed /dev/ublkb" in guest.journal("-u", "ublkd@vol0")
+
+
+def test_hung_backend_stops_the_watchdog_and_the_device_recovers(systemd_guest):
+    """The backing device stops answering (device-mapper suspended): the
+    daemon stops pinging, systemd kills it, and once the disk answers again
+    the restarted daemon recovers and the stuck write completes."""
+    guest = systemd_guest
+    guest.run("truncate -s 64M /var/tmp/slow.img && losetup -f --show /var/tmp/slow.img "
+              "> /tmp/loopdev && dmsetup create ublkd-slow --table "
+              "\"0 131072 linear $(cat /tmp/loopdev) 0\"")
+    try:
+        status = start(guest, "vol0", 'backend = "file"\npath = "/dev/mapper/ublkd-slow"\n')
+        dev = status["device"]
+        guest.run("dmsetup suspend ublkd-slow")
+        writer, box = run_in_background(
+            guest, f"dd if=/dev/urandom of={dev} bs=4k count=1 oflag=direct,sync status=none")
+        guest.run("for i in $(seq 900); do journalctl -u ublkd@vol0 | grep -q 'Watchdog "
+                  "timeout' && exit 0; sleep 0.2; done; exit 1", timeout=300)
+        journal = guest.journal("-u", "ublkd@vol0")
+        assert "backend I/O unanswered" in journal
+        guest.run("dmsetup resume ublkd-slow")
+        guest.run("for i in $(seq 600); do systemctl is-active -q ublkd@vol0 && "
+                  "[ $(systemctl show -p NRestarts --value ublkd@vol0) = 1 ] && exit 0; "
+                  "sleep 0.2; done; exit 1", timeout=200)
+        writer.join(300)
+        assert box[0].rc == 0, box[0].describe()
+        assert json.loads(ublkd(guest, "status", "vol0", "--json").stdout)["state"] == "LIVE"
+    finally:
+        guest.run("dmsetup resume ublkd-slow; systemctl stop ublkd@vol0; "
+                  "dmsetup remove ublkd-slow; losetup -d $(cat /tmp/loopdev); true")

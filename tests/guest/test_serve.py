@@ -129,3 +129,23 @@ def test_sigterm_removes_device_and_state(clean_guest):
     assert json.loads(ublkd(guest, "list", "--json").stdout) == []
     assert guest.run(f"test -e {device.path}", check=False).rc == 1
     assert guest.run(f"test -e {STATE_DIR}/vol0.json", check=False).rc == 1
+
+
+def test_features_lists_recovery(clean_guest):
+    out = ublkd(clean_guest, "features").stdout
+    assert "USER_RECOVERY" in out and "USER_RECOVERY_REISSUE" in out
+
+
+def test_delete_removes_an_orphaned_device_but_not_a_served_one(clean_guest):
+    guest = clean_guest
+    write_config(guest, "vol0", file_config())
+    device = ServedDevice(guest, "vol0").start()
+    refused = ublkd(guest, "delete", "vol0", check=False)
+    assert refused.rc == 5 and "systemctl stop ublkd@vol0" in refused.stderr
+    guest.run(f"kill -9 {device.pid}")
+    device.thread.join(60)
+    listed = json.loads(ublkd(guest, "list", "--json").stdout)
+    assert [(d["name"], d["state"]) for d in listed] == [("vol0", "QUIESCED")]
+    ublkd(guest, "delete", "vol0")
+    assert guest.run(f"test -e {device.path}", check=False).rc == 1
+    assert guest.run(f"test -e {STATE_DIR}/vol0.json", check=False).rc == 1
