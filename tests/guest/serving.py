@@ -147,3 +147,11 @@ def run_in_background(guest, command: str, timeout: float = 1800):
         daemon=True)
     thread.start()
     return thread, box
+
+
+def wait_in_guest(guest: Guest, condition: str, timeout: float) -> None:
+    """Poll the shell `condition` in the guest (every 0.2 s) until it holds."""
+    rounds = int(timeout / 0.2)
+    result = guest.run(f"for i in $(seq {rounds}); do {{ {condition} ; }} && exit 0; "
+                       f"sleep 0.2; done; exit 1", check=False, timeout=timeout * 3 + 60)
+    assert result.rc == 0, f"not true after {timeout} s in the guest: {condition}"

@@ -15,7 +15,7 @@ import pytest
 
 from tests.guest.serving import (CHECKOUT, STATE_DIR, ServedDevice, devnum, fio_jobs,
                                  kill_and_wait_live, run_in_background, show, start, ublkd,
-                                 write_config)
+                                 wait_in_guest, write_config)
 
 BACKING = "/var/tmp/vol0.img"
 MNT = "/mnt/vol0"
@@ -146,10 +146,8 @@ def test_crash_loop_past_the_start_limit_applies_on_give_up(systemd_guest, polic
     # The backing file disappears: every restart fails until systemd gives up.
     guest.run(f"mv {BACKING} {BACKING}.away")
     guest.run("systemctl kill -s KILL ublkd@vol0")
-    guest.run("for i in $(seq 600); do systemctl is-failed -q ublkd@vol0 && exit 0; "
-              "sleep 0.2; done; exit 1", timeout=200)
-    guest.run("for i in $(seq 300); do systemctl is-active -q ublkd-giveup@vol0 && exit 0; "
-              "sleep 0.2; done; exit 1", timeout=100)
+    wait_in_guest(guest, "systemctl is-failed -q ublkd@vol0", 120)
+    wait_in_guest(guest, "systemctl is-active -q ublkd-giveup@vol0", 60)
     assert int(show(guest, "ublkd@vol0", "NRestarts")["NRestarts"]) >= 5
     giveup_log = guest.journal("-u", "ublkd-giveup@vol0")
     if policy == "delete":
@@ -161,8 +159,7 @@ def test_crash_loop_past_the_start_limit_applies_on_give_up(systemd_guest, polic
     assert guest.run(f"test -b {dev}", check=False).rc == 0
     guest.run(f"mv {BACKING}.away {BACKING}")
     guest.run("systemctl start ublkd-recover@vol0", timeout=120)
-    guest.run("for i in $(seq 300); do systemctl is-active -q ublkd@vol0 && exit 0; "
-              "sleep 0.2; done; exit 1", timeout=100)
+    wait_in_guest(guest, "systemctl is-active -q ublkd@vol0", 60)
     assert ublkd(guest, "status", "vol0", "--json").stdout.count('"LIVE"') == 1
 
 
@@ -272,14 +269,12 @@ def test_hung_backend_stops_the_watchdog_and_the_device_recovers(systemd_guest):
         guest.run("dmsetup suspend ublkd-slow")
         writer, box = run_in_background(
             guest, f"dd if=/dev/urandom of={dev} bs=4k count=1 oflag=direct,sync status=none")
-        guest.run("for i in $(seq 900); do journalctl -u ublkd@vol0 | grep -q 'Watchdog "
-                  "timeout' && exit 0; sleep 0.2; done; exit 1", timeout=300)
+        wait_in_guest(guest, "journalctl -u ublkd@vol0 | grep -q 'Watchdog timeout'", 180)
         journal = guest.journal("-u", "ublkd@vol0")
         assert "backend I/O unanswered" in journal
         guest.run("dmsetup resume ublkd-slow")
-        guest.run("for i in $(seq 600); do systemctl is-active -q ublkd@vol0 && "
-                  "[ $(systemctl show -p NRestarts --value ublkd@vol0) = 1 ] && exit 0; "
-                  "sleep 0.2; done; exit 1", timeout=200)
+        wait_in_guest(guest, "systemctl is-active -q ublkd@vol0 && "
+                             "[ $(systemctl show -p NRestarts --value ublkd@vol0) = 1 ]", 120)
         writer.join(300)
         assert box[0].rc == 0, box[0].describe()
         assert json.loads(ublkd(guest, "status", "vol0", "--json").stdout)["state"] == "LIVE"
