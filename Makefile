@@ -38,3 +38,15 @@ install-units:
 		sed 's|/usr/bin/ublkd|$(UBLKD)|' $$unit > $(UNITDIR)/$$(basename $$unit); \
 	done
 	systemctl daemon-reload
+
+# Distro packages (docs/packaging.md).  `deb` installs its build dependencies
+# with apt-get, builds build/deb/ublkd_VERSION_ARCH.deb and runs lintian;
+# VERSION=x.y.z builds the same sources as another version (OUTDIR too).
+# `rpm` checks packaging/rpm/ublkd.spec with rpmspec -P and builds the
+# source RPM; the binary RPM needs Fedora's macros (rpmbuild --rebuild there).
+.PHONY: deb rpm
+deb:
+	./packaging/build-deb
+
+rpm:
+	./packaging/build-rpm

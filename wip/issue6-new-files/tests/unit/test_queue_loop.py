@@ -1,0 +1,282 @@
+"""uring.QueueLoop, the C serving loop of a ublk queue, on the host's io_uring.
+
+No ublk here: a NOP with user_data = tag stands for the kernel handing us a
+request (a ublk command completing with UBLK_IO_RES_OK), the descriptors
+are a bytearray, and /dev/ublkcN is a regular file, on which the loop's
+COMMIT_AND_FETCH completes with -EOPNOTSUPP: an event, which shows that the
+request was answered.  Data paths are checked through the backing file and
+the tag buffers.
+"""
+
+from __future__ import annotations
+
+import errno
+import mmap
+import os
+import struct
+import time
+
+import pytest
+
+from ublkd.kernel import uapi
+from ublkd.kernel.uring import BACKEND_IO, QueueLoop, Ring, buffer_address
+
+DEPTH = 4
+BUFFER = 64 * 1024
+DESCRIPTOR = struct.Struct("<IIQQ")
+COMMIT_OP = 0xC0107521
+NOT_A_UBLK_DEVICE = -errno.EOPNOTSUPP  # what a regular file answers to the commit
+
+
+@pytest.fixture
+def files(tmp_path):
+    char = os.open(tmp_path / "ublkc", os.O_RDWR | os.O_CREAT, 0o600)
+    backing = os.open(tmp_path / "backing", os.O_RDWR | os.O_CREAT, 0o600)
+    os.pwrite(backing, bytes(range(256)) * 1024, 0)  # 256 KiB of a known pattern
+    yield char, backing
+    os.close(char)
+    os.close(backing)
+
+
+class Harness:
+    def __init__(self, char_fd: int, get_data_op: int | None = None):
+        self.ring = Ring(4 * DEPTH)
+        self.descriptors = bytearray(DEPTH * 24)
+        self.buffers = mmap.mmap(-1, DEPTH * BUFFER)
+        self.scratch = bytearray(16)
+        self.loop = QueueLoop(self.ring, char_fd, 0, DEPTH, self.descriptors, self.buffers,
+                              BUFFER, COMMIT_OP, get_data_op)
+
+    def request(self, tag: int, op: int, sector: int, sectors: int) -> None:
+        """The kernel hands us a request on tag."""
+        DESCRIPTOR.pack_into(self.descriptors, tag * 24, op, sectors, sector, 0)
+        self.ring.prep_nop(tag)
+
+    def events(self, count: int, timeout: float = 5) -> list[tuple[int, int]]:
+        got: list[tuple[int, int]] = []
+        deadline = time.monotonic() + timeout
+        while len(got) < count and time.monotonic() < deadline:
+            got += self.loop.serve(0.5)
+        return sorted(got)
+
+    def buffer(self, tag: int, length: int) -> bytes:
+        return self.buffers[tag * BUFFER: tag * BUFFER + length]
+
+    def close(self) -> None:
+        self.loop.close()
+        self.ring.close()
+        self.buffers.close()  # closable: the loop released it
+
+
+@pytest.fixture
+def harness(files):
+    h = Harness(files[0])
+    yield h
+    h.close()
+
+
+@pytest.mark.parametrize("inline", [False, True])
+def test_file_reads_and_writes_are_served_and_committed_in_c(harness, files, inline):
+    _, backing = files
+    harness.loop.use_file_backend(backing, inline=inline)
+    harness.request(2, uapi.UBLK_IO_OP_READ, sector=1, sectors=8)
+    assert harness.events(1) == [(2, NOT_A_UBLK_DEVICE)]
+    assert harness.buffer(2, 4096) == os.pread(backing, 4096, 512)
+
+    harness.buffers[BUFFER: BUFFER + 1024] = b"\xab" * 1024
+    harness.request(1, uapi.UBLK_IO_OP_WRITE, sector=100, sectors=2)
+    assert harness.events(1) == [(1, NOT_A_UBLK_DEVICE)]
+    assert os.pread(backing, 1024, 100 * 512) == b"\xab" * 1024
+    assert harness.loop.stats["served"] == 2
+    assert harness.loop.oldest_started() is None  # both answered
+
+
+def test_a_batch_of_requests_in_one_call(harness, files):
+    _, backing = files
+    harness.loop.use_file_backend(backing)
+    for tag in range(DEPTH):
+        harness.request(tag, uapi.UBLK_IO_OP_READ, sector=tag * 8, sectors=8)
+    assert harness.events(DEPTH) == [(tag, NOT_A_UBLK_DEVICE) for tag in range(DEPTH)]
+    for tag in range(DEPTH):
+        assert harness.buffer(tag, 4096) == os.pread(backing, 4096, tag * 4096)
+
+
+def test_flush_discard_and_write_zeroes_reach_the_file(harness, files):
+    _, backing = files
+    harness.loop.use_file_backend(backing)
+    harness.request(0, uapi.UBLK_IO_OP_FLUSH, 0, 0)
+    harness.request(1, uapi.UBLK_IO_OP_DISCARD, sector=8, sectors=8)
+    harness.request(2, uapi.UBLK_IO_OP_WRITE_ZEROES, sector=32, sectors=8)
+    assert harness.events(3) == [(t, NOT_A_UBLK_DEVICE) for t in range(3)]
+    assert os.pread(backing, 4096, 4096) == bytes(4096)
+    assert os.pread(backing, 4096, 32 * 512) == bytes(4096)
+    assert os.fstat(backing).st_size == 256 * 1024  # KEEP_SIZE
+
+
+def test_a_short_read_at_the_end_of_the_file_commits_what_was_read(harness, files):
+    _, backing = files
+    harness.loop.use_file_backend(backing, inline=True)
+    harness.buffers[0:4096] = b"\xff" * 4096
+    harness.request(0, uapi.UBLK_IO_OP_READ, sector=(256 * 1024 - 512) // 512, sectors=8)
+    assert harness.events(1) == [(0, NOT_A_UBLK_DEVICE)]
+    assert harness.buffer(0, 512) == os.pread(backing, 512, 256 * 1024 - 512)
+
+
+def test_ops_the_loop_does_not_know_go_to_python(harness, files):
+    _, backing = files
+    harness.loop.use_file_backend(backing)
+    harness.request(3, uapi.UBLK_IO_OP_ZONE_OPEN, 0, 8)
+    assert harness.events(1) == [(3, uapi.UBLK_IO_RES_OK)]
+    assert harness.loop.stats["events"] == 1
+
+
+def test_null_backend_answers_in_c(harness):
+    harness.loop.use_null_backend()
+    harness.buffers[0:BUFFER] = b"\x55" * BUFFER  # an earlier write's data
+    harness.request(0, uapi.UBLK_IO_OP_READ, 0, 16)
+    harness.request(1, uapi.UBLK_IO_OP_WRITE, 0, 16)
+    harness.request(2, uapi.UBLK_IO_OP_FLUSH, 0, 0)
+    assert harness.events(3) == [(t, NOT_A_UBLK_DEVICE) for t in range(3)]
+    assert harness.buffer(0, 8192) == bytes(8192)
+    assert harness.buffer(0, 8192 + 1)[-1] == 0x55  # only the request's bytes
+
+
+def test_python_backend_sees_each_request_and_its_io_is_committed(harness, files):
+    _, backing = files
+    harness.request(1, uapi.UBLK_IO_OP_READ, 0, 8)
+    before = time.monotonic()
+    assert harness.events(1) == [(1, uapi.UBLK_IO_RES_OK)]
+    started = harness.loop.oldest_started()
+    assert started is not None and before - 1 <= started <= time.monotonic()
+
+    # Python queues the backend I/O itself; the loop commits its completion.
+    address = harness.loop.buffer_base + BUFFER
+    harness.ring.prep_read(backing, address, 4096, 8192, 1 | BACKEND_IO)
+    assert harness.events(1) == [(1, NOT_A_UBLK_DEVICE)]
+    assert harness.buffer(1, 4096) == os.pread(backing, 4096, 8192)
+    assert harness.loop.oldest_started() is None
+
+    # ... or answers at once.
+    harness.request(2, uapi.UBLK_IO_OP_FLUSH, 0, 0)
+    assert harness.events(1) == [(2, uapi.UBLK_IO_RES_OK)]
+    harness.loop.commit(2, 0)
+    assert harness.events(1) == [(2, NOT_A_UBLK_DEVICE)]
+
+
+def test_serve_returns_when_idle(harness):
+    start = time.monotonic()
+    assert harness.loop.serve(0.05) == []
+    assert time.monotonic() - start < 2
+
+
+def test_a_request_larger_than_its_buffer_fails_without_touching_memory(harness, files):
+    _, backing = files
+    harness.loop.use_file_backend(backing)
+    harness.request(3, uapi.UBLK_IO_OP_READ, 0, BUFFER // 512 + 8)
+    # Committed with -EINVAL; the fake char device answers the commit.
+    assert harness.events(1) == [(3, NOT_A_UBLK_DEVICE)]
+
+
+def test_closed_loop_refuses_to_serve(files):
+    h = Harness(files[0])
+    h.loop.close()
+    h.loop.close()
+    assert h.loop.oldest_started() is None
+    with pytest.raises(ValueError, match="closed"):
+        h.loop.serve(0.01)
+    h.ring.close()
+    h.buffers.close()
+
+
+def test_buffers_must_cover_depth(files):
+    with Ring(4) as ring, pytest.raises(ValueError, match="smaller"):
+        QueueLoop(ring, files[0], 0, DEPTH, bytearray(DEPTH * 24), bytearray(BUFFER),
+                  BUFFER, COMMIT_OP)
+
+
+def test_buffer_address_matches_the_loop_base(harness):
+    assert harness.loop.buffer_base == buffer_address(harness.buffers)
+
+
+def test_hand_over_leaves_new_requests_fetched_and_returns_when_idle(harness, files):
+    _, backing = files
+    harness.request(1, uapi.UBLK_IO_OP_READ, 0, 8)  # Python backend: stays in the server
+    assert harness.events(1) == [(1, uapi.UBLK_IO_RES_OK)]
+    assert harness.loop.busy == 1
+    harness.loop.hand_over()
+    harness.request(2, uapi.UBLK_IO_OP_READ, 0, 8)
+    assert harness.loop.serve(0.2) == []  # tag 2 left fetched, tag 1 still busy
+    assert harness.loop.busy == 1
+    harness.loop.commit(1, 4096)
+    assert harness.loop.busy == 0
+    start = time.monotonic()
+    assert harness.loop.serve(30) == []  # nothing in flight: back at once ...
+    assert time.monotonic() - start < 5
+    assert harness.ring.wait(1, timeout=5) == [(1, NOT_A_UBLK_DEVICE)]  # ... commit submitted
+
+
+# --- pool mode: the device has UBLK_F_NEED_GET_DATA ---------------------------
+GET_DATA_OP = 0xC0107522
+
+
+@pytest.fixture
+def pooled(files):
+    h = Harness(files[0], get_data_op=GET_DATA_OP)
+    yield h
+    h.close()
+
+
+def kernel_asks_for_data(h: Harness, tag: int, sectors: int, data_fd: int) -> None:
+    """A WRITE arrives as NEED_GET_DATA (CQE res 1): a 1-byte read gives that res."""
+    DESCRIPTOR.pack_into(h.descriptors, tag * 24, uapi.UBLK_IO_OP_WRITE, sectors, 64, 0)
+    h.ring.prep_read(data_fd, buffer_address(h.scratch), 1, 0, tag)
+
+
+def test_pool_fetches_name_no_buffer_and_reads_share_one(pooled, files):
+    _, backing = files
+    pooled.loop.use_file_backend(backing)
+    assert pooled.loop.fetch_address(5 % DEPTH) == 0
+    for tag in (0, 3):
+        pooled.request(tag, uapi.UBLK_IO_OP_READ, sector=tag * 8, sectors=8)
+        assert pooled.events(1) == [(tag, NOT_A_UBLK_DEVICE)]
+        # Both landed in buffer 0: taken from the pool, given back after the commit.
+        assert pooled.buffer(0, 4096) == os.pread(backing, 4096, tag * 4096)
+    assert pooled.loop.buffer(3) == 0  # committed: the tag holds no buffer
+
+
+def test_pool_write_names_its_buffer_with_need_get_data(pooled, files):
+    _, backing = files
+    pooled.loop.use_file_backend(backing)
+    kernel_asks_for_data(pooled, 2, sectors=8, data_fd=backing)
+    # The fake /dev/ublkcN refuses the NEED_GET_DATA command: an event.
+    assert pooled.events(1) == [(2, NOT_A_UBLK_DEVICE)]
+    assert pooled.loop.stats["get_data"] == 1
+    address = pooled.loop.buffer(2)
+    assert address == pooled.loop.buffer_base  # buffer 0, top of the pool
+    pooled.buffers[0:4096] = b"\x5a" * 4096  # what the kernel would copy in
+    pooled.ring.prep_nop(2)  # ... and then the request comes back OK
+    assert pooled.events(1) == [(2, NOT_A_UBLK_DEVICE)]
+    assert os.pread(backing, 4096, 64 * 512) == b"\x5a" * 4096
+    assert pooled.loop.buffer(2) == 0
+
+
+def test_pool_write_without_need_get_data_is_refused(pooled, files):
+    _, backing = files
+    pooled.loop.use_file_backend(backing)
+    before = os.pread(backing, 4096, 0)
+    pooled.request(1, uapi.UBLK_IO_OP_WRITE, sector=0, sectors=8)
+    assert pooled.events(1) == [(1, NOT_A_UBLK_DEVICE)]
+    assert os.pread(backing, 4096, 0) == before
+
+
+def test_pool_python_backend_gets_the_lent_buffer(pooled, files):
+    _, backing = files
+    pooled.request(1, uapi.UBLK_IO_OP_READ, 0, 8)
+    assert pooled.events(1) == [(1, uapi.UBLK_IO_RES_OK)]
+    assert pooled.loop.buffer(1) == pooled.loop.buffer_base
+    pooled.request(2, uapi.UBLK_IO_OP_FLUSH, 0, 0)
+    assert pooled.events(1) == [(2, uapi.UBLK_IO_RES_OK)]
+    assert pooled.loop.buffer(2) == 0  # no data, no buffer
+    pooled.loop.commit(1, 4096)
+    pooled.loop.commit(2, 0)
+    assert pooled.events(2) == [(1, NOT_A_UBLK_DEVICE), (2, NOT_A_UBLK_DEVICE)]
