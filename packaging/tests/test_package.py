@@ -155,6 +155,19 @@ def test_man_pages_document_every_command_and_key():
     assert roff_tags(man / "ublkd.toml.5", "KEYS") == set(KNOWN_KEYS)
 
 
+def test_man_pages_agree_with_the_unit():
+    unit = (CHECKOUT / "units" / "ublkd@.service").read_text()
+    setting = dict(re.findall(r"^(\w+)=(.*)$", unit, re.M))
+    burst, interval = int(setting["StartLimitBurst"]), int(setting["StartLimitIntervalSec"])
+    window = f"{interval // 60} minutes" if interval % 60 == 0 and interval >= 120 else \
+        f"{interval} seconds"
+    for page in ("ublkd.8", "ublkd.toml.5"):
+        text = " ".join((CHECKOUT / "packaging" / "man" / page).read_text().split())
+        assert f"{burst} starts within {window}" in text, page
+    text = (CHECKOUT / "packaging" / "man" / "ublkd.8").read_text()
+    assert f"WatchdogSec={setting['WatchdogSec']}" in text
+
+
 def test_lintian_reports_no_errors_or_warnings(debs):
     build_deb(CHECKOUT / "build" / "deb", lintian=True)  # fails with lintian's report
 
@@ -257,13 +270,14 @@ def test_upgrade_under_fio_hands_the_device_over_to_the_new_version(package, deb
     output = dpkg_install(guest, debs["next"])
     still_writing = fio.is_alive()
     guest.run("touch /tmp/stop")
-    assert still_writing, f"fio failed during the upgrade: {box and box[0].describe()}"
-    fio.join(1800)
-    assert box[0].rc == 0, box[0].describe()  # fio exits 1 on any I/O or verify error
     assert f"handing device vol0 over to ublkd {new_version}" in output, output
     assert re.search(rf"vol0: {dev} handed over from pid {before['pid']} to pid \d+ "
                      rf"\(ublkd {re.escape(new_version)}\)", output), output
     assert "still served by the previous version" not in output, output
+    assert still_writing, f"fio failed during the upgrade: {box and box[0].describe()}"
+    fio.join(600)
+    assert not fio.is_alive(), "fio still waits for I/O 10 minutes after the upgrade"
+    assert box[0].rc == 0, box[0].describe()  # fio exits 1 on any I/O or verify error
 
     after = status(guest)
     assert package_status(guest) == ("installed", new_version)
