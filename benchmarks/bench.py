@@ -1,12 +1,29 @@
 """fio in the guest: ublkd against the kernel's own drivers, in one run.
 
-    .venv/bin/python -m benchmarks.bench [--runtime S] [--json FILE]
+    .venv/bin/python -m benchmarks.bench [--quick] [--runtime S] [--backings disk,tmpfs]
+                                         [--kills N] [--json FILE]
 
-Targets, all on the same guest and the same backing file:
-  ublkd-file   ublkd's file backend on /var/tmp/bench.img
-  loop         /dev/loopN on the same file (direct I/O when the file allows)
-  ublkd-null   ublkd's null backend
-  null_blk     the kernel's null_blk (no interrupts), the floor for ublkd-null
+Jobs (fio, io_uring engine, O_DIRECT, one job): 4k randread and randwrite
+at iodepth 1, 32 and 128; 128k sequential read and write at iodepth 32.
+
+Targets, all in the same guest, on the same backing file per backing:
+  ublkd-file     ublkd's file backend (2 queues of depth 128)
+  loop           /dev/loopN on the same file with direct I/O: the reference
+  file           fio's io_uring engine straight on the backing file: the limit
+  ublkd-null     ublkd's null backend
+  null_blk       the kernel's null_blk (no interrupts): the reference for ublkd-null
+Backings: "disk" = a file on ext4 on the guest's virtio disk (what a
+server has), "tmpfs" = a file in /dev/shm, "overlay" = a file in /var/tmp
+(the guest's tmpfs-backed overlay root).  For the ublkd targets the table
+also shows the daemon's RSS after each job and its CPU time (user+system,
+all threads, from /proc/PID/stat) per I/O the device completed (from
+/sys/block/ublkbN/stat).
+
+Recovery gap: with the file backend, N times kill -9 the worker that serves
+(the main process forks a new one), then N times kill -9 `ublkd serve` itself
+and start it again (no systemd), and time each kill to the first completed
+read after it (benchmarks/recovery_gap.py, in the guest).
+
 Times in the guest are emulated (TCG): only ratios within one run mean
 anything, which is why every number is printed next to its reference.
 """
@@ -15,17 +32,28 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from tests.guest.serving import ServedDevice, fio_jobs, write_config
-from tests.testbed import Guest, prepare
+from tests.guest.serving import UBLKD, fio_jobs, ublkd, write_config
+from tests.testbed import Guest, GuestConfig, prepare
 
 CHECKOUT = Path(__file__).resolve().parents[1]
-BACKING = "/var/tmp/bench.img"
-SIZE = "1GiB"
+SIZE = "512MiB"
+SIZE_BYTES = 512 << 20
+QUEUES = 2
+DEPTH = 128
+DEV_ID = 77  # /dev/ublkb77: the recovery script finds the device without asking ublkd
+DISK_IMAGE = CHECKOUT / "build" / "bench-disk.img"
+DISK = "/dev/disk/by-id/virtio-disk0"
+BACKINGS = {
+    "disk": "/mnt/bench/bench.img",
+    "tmpfs": "/dev/shm/bench.img",
+    "overlay": "/var/tmp/bench.img",
+}
 
 
 @dataclass(frozen=True)
@@ -37,111 +65,333 @@ class Job:
 
 
 JOBS = [
+    Job("4k randread qd1", "randread", "4k", 1),
     Job("4k randread qd32", "randread", "4k", 32),
+    Job("4k randread qd128", "randread", "4k", 128),
+    Job("4k randwrite qd1", "randwrite", "4k", 1),
     Job("4k randwrite qd32", "randwrite", "4k", 32),
+    Job("4k randwrite qd128", "randwrite", "4k", 128),
+    Job("128k read qd32", "read", "128k", 32),
+    Job("128k write qd32", "write", "128k", 32),
 ]
+
+# target -> the one its ratio is taken against
+REFERENCE = {"ublkd-file": "loop", "ublkd-null": "null_blk"}
 
 
 @dataclass
 class Sample:
     target: str
+    backing: str
     job: str
     iops: float
     mb_s: float
     p50_us: float
     p99_us: float
+    ratio: float | None = None  # iops / the reference's iops, same job and backing
+    reference: str | None = None
+    rss_mib: float | None = None  # daemon VmRSS after the job
+    cpu_us_per_io: float | None = None  # daemon user+system time per completed I/O
 
 
-def run_fio(guest: Guest, device: str, job: Job, runtime: int) -> dict:
+@dataclass
+class Daemon:
+    """A ublkd serve process in the guest, found by its pid."""
+
+    guest: Guest
+    pid: int
+    device: str
+    clock_ticks: int = 100
+
+    def main_rss_kib(self) -> int:
+        """VmRSS of `ublkd serve` itself, the worker's parent (no device, no buffers)."""
+        return int(self.guest.run(
+            f"grep '^VmRSS:' /proc/$(ps -o ppid= -p {self.pid} | tr -d ' ')/status"
+        ).stdout.split()[1])
+
+    def snapshot(self) -> dict:
+        out = self.guest.run(
+            f"cat /proc/{self.pid}/stat; grep -E '^(VmRSS|VmHWM):' /proc/{self.pid}/status; "
+            f"cat /sys/block/{Path(self.device).name}/stat").stdout.splitlines()
+        stat = out[0].rsplit(")", 1)[1].split()
+        memory = {line.split(":")[0]: int(line.split()[1]) for line in out[1:3]}
+        disk = [int(x) for x in out[3].split()]
+        return {
+            "cpu_s": (int(stat[11]) + int(stat[12])) / self.clock_ticks,  # utime, stime
+            "rss_kib": memory["VmRSS"],
+            "hwm_kib": memory["VmHWM"],
+            "ios": disk[0] + disk[4],  # reads, writes completed
+        }
+
+
+@dataclass
+class Run:
+    samples: list[Sample] = field(default_factory=list)
+    daemons: dict[str, dict] = field(default_factory=dict)  # target/backing -> idle/peak RSS
+    recovery: dict[str, dict] = field(default_factory=dict)  # kill kind -> gaps
+
+
+def fio(guest: Guest, filename: str, job: Job, runtime: int, ramp: int) -> dict:
     result = guest.run(
-        f"fio --name=bench --filename={device} --rw={job.rw} --bs={job.bs} "
+        f"fio --name=bench --filename={filename} --rw={job.rw} --bs={job.bs} "
         f"--iodepth={job.iodepth} --ioengine=io_uring --direct=1 --time_based "
-        f"--runtime={runtime} --ramp_time=2 --size=512M --output-format=json",
-        timeout=runtime * 10 + 120,
+        f"--runtime={runtime} --ramp_time={ramp} --size={SIZE_BYTES} --output-format=json",
+        timeout=runtime * 20 + 300,
     )
     return fio_jobs(result)[0]
 
 
-def sample(target: str, job: Job, fio_job: dict) -> Sample:
-    side = fio_job["read"] if "read" in job.rw else fio_job["write"]
+def sample(target: str, backing: str, job: Job, fio_job: dict) -> Sample:
+    side = fio_job["write"] if "write" in job.rw else fio_job["read"]
     percentiles = side["clat_ns"].get("percentile", {})
     return Sample(
-        target=target,
-        job=job.name,
-        iops=side["iops"],
-        mb_s=side["bw_bytes"] / 1e6,
+        target=target, backing=backing, job=job.name,
+        iops=side["iops"], mb_s=side["bw_bytes"] / 1e6,
         p50_us=percentiles.get("50.000000", 0) / 1000,
         p99_us=percentiles.get("99.000000", 0) / 1000,
     )
 
 
-def measure(guest: Guest, target: str, device: str, runtime: int) -> list[Sample]:
+def measure(guest: Guest, target: str, backing: str, filename: str, args,
+            daemon: Daemon | None = None) -> list[Sample]:
     samples = []
-    for job in JOBS:
-        samples.append(sample(target, job, run_fio(guest, device, job, runtime)))
-        print(f"  {target:11} {job.name:20} {samples[-1].iops:10.0f} IOPS", file=sys.stderr)
+    for job in args.jobs:
+        before = daemon.snapshot() if daemon else None
+        s = sample(target, backing, job, fio(guest, filename, job, args.runtime, args.ramp))
+        if daemon:
+            after = daemon.snapshot()
+            ios = after["ios"] - before["ios"]
+            s.rss_mib = after["rss_kib"] / 1024
+            s.cpu_us_per_io = (after["cpu_s"] - before["cpu_s"]) * 1e6 / ios if ios else None
+        samples.append(s)
+        extra = f"  RSS {s.rss_mib:.1f} MiB, {s.cpu_us_per_io:.0f} us CPU/IO" if daemon else ""
+        print(f"  {target:11} {backing:8} {job.name:19} {s.iops:9.0f} IOPS{extra}",
+              file=sys.stderr, flush=True)
     return samples
 
 
-def bench_file_targets(guest: Guest, runtime: int) -> list[Sample]:
-    guest.run(f"rm -f {BACKING} && fallocate -l {SIZE} {BACKING}")
-    write_config(guest, "bench", f'backend = "file"\npath = "{BACKING}"\n')
-    device = ServedDevice(guest, "bench").start()
-    samples = measure(guest, "ublkd-file", device.path, runtime)
-    device.stop()
-    loop = guest.run(f"losetup --direct-io=on --find --show {BACKING}").stdout.strip()
-    direct = guest.read_file(f"/sys/block/{Path(loop).name}/loop/dio").strip() == "1"
-    samples += measure(guest, "loop" if direct else "loop-buffered", loop, runtime)
-    guest.run(f"losetup -d {loop}")
-    return samples
+def no_scheduler(guest: Guest, device: str) -> None:
+    """Every target without an I/O scheduler: the drivers are compared, not mq-deadline."""
+    name = Path(guest.run(f"readlink -f {device}").stdout.strip()).name
+    guest.run(f"echo none > /sys/block/{name}/queue/scheduler")
 
 
-def bench_null_targets(guest: Guest, runtime: int) -> list[Sample]:
-    write_config(guest, "benchnull", f'backend = "null"\nsize = "{SIZE}"\n')
-    device = ServedDevice(guest, "benchnull").start()
-    samples = measure(guest, "ublkd-null", device.path, runtime)
-    device.stop()
-    guest.run("modprobe null_blk nr_devices=1 queue_mode=2 irqmode=0 gb=1")
-    samples += measure(guest, "null_blk", "/dev/nullb0", runtime)
-    guest.run("rmmod null_blk")
-    return samples
+def prepare_backing(guest: Guest, backing: str) -> str:
+    path = BACKINGS[backing]
+    if backing == "disk":
+        guest.run(f"udevadm settle; for i in $(seq 100); do test -b {DISK} && break; sleep 0.1; "
+                  f"done")
+        guest.run(f"mountpoint -q /mnt/bench || (mkfs.ext4 -q -F {DISK} && mkdir -p /mnt/bench "
+                  f"&& mount {DISK} /mnt/bench)")
+        no_scheduler(guest, DISK)
+        # Written, not fallocated: reads of unwritten extents never reach the disk.
+        guest.run(f"dd if=/dev/zero of={path} bs=1M count={SIZE_BYTES >> 20} oflag=direct "
+                  f"status=none", timeout=1200)
+    else:
+        guest.run(f"rm -f {path} && fallocate -l {SIZE_BYTES} {path}")
+    return path
 
 
-REFERENCE = {"ublkd-file": ("loop", "loop-buffered"), "ublkd-null": ("null_blk",)}
+def start_daemon(guest: Guest, name: str, config: str) -> Daemon:
+    write_config(guest, name, config + f"queues = {QUEUES}\nqueue_depth = {DEPTH}\nid = {DEV_ID}\n")
+    guest.run(f"setsid {UBLKD} serve {name} > /var/tmp/{name}.log 2>&1 < /dev/null &")
+    device = f"/dev/ublkb{DEV_ID}"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        status = guest.run([UBLKD, "status", name, "--json"], check=False)
+        if status.rc == 0 and json.loads(status.stdout).get("state") == "LIVE":
+            guest.run(f"udevadm settle; test -b {device}")
+            no_scheduler(guest, device)
+            ticks = int(guest.run("getconf CLK_TCK").stdout)
+            return Daemon(guest, json.loads(status.stdout)["pid"], device, ticks)
+        time.sleep(1)
+    raise RuntimeError(f"ublkd serve {name} not LIVE:\n{guest.run(f'cat /var/tmp/{name}.log').stdout}")
+
+
+def stop_daemon(guest: Guest, daemon: Daemon) -> None:
+    guest.run(f"kill -TERM {daemon.pid}; while kill -0 {daemon.pid} 2>/dev/null; do sleep 0.2; done",
+              timeout=300)
+
+
+def bench_file(guest: Guest, backing: str, args, run: Run) -> None:
+    path = prepare_backing(guest, backing)
+    if "ublkd-file" in args.targets:
+        daemon = start_daemon(guest, "bench", f'backend = "file"\npath = "{path}"\n')
+        idle = daemon.snapshot()
+        run.samples += measure(guest, "ublkd-file", backing, daemon.device, args, daemon)
+        peak = daemon.snapshot()
+        run.daemons[f"ublkd-file/{backing}"] = {"idle_rss_mib": idle["rss_kib"] / 1024,
+                                                "peak_rss_mib": peak["hwm_kib"] / 1024,
+                                                "main_rss_mib": daemon.main_rss_kib() / 1024}
+        stop_daemon(guest, daemon)
+    if "loop" in args.targets:
+        loop = guest.run(f"losetup --direct-io=on --find --show {path}").stdout.strip()
+        direct = guest.read_file(f"/sys/block/{Path(loop).name}/loop/dio").strip() == "1"
+        no_scheduler(guest, loop)
+        run.samples += measure(guest, "loop" if direct else "loop-buffered", backing, loop, args)
+        guest.run(f"losetup -d {loop}")
+    if "file" in args.targets:
+        run.samples += measure(guest, "file", backing, path, args)
+
+
+def bench_null(guest: Guest, args, run: Run) -> None:
+    if "ublkd-null" in args.targets:
+        daemon = start_daemon(guest, "benchnull", f'backend = "null"\nsize = "{SIZE}"\n')
+        run.samples += measure(guest, "ublkd-null", "-", daemon.device, args, daemon)
+        run.daemons["ublkd-null"] = {"peak_rss_mib": daemon.snapshot()["hwm_kib"] / 1024}
+        stop_daemon(guest, daemon)
+    if "null_blk" in args.targets:
+        guest.run(f"modprobe null_blk nr_devices=1 queue_mode=2 irqmode=0 "
+                  f"gb={max(1, SIZE_BYTES >> 30)} submit_queues={QUEUES}")
+        no_scheduler(guest, "/dev/nullb0")
+        run.samples += measure(guest, "null_blk", "-", "/dev/nullb0", args)
+        guest.run("rmmod null_blk")
+
+
+def bench_recovery(guest: Guest, backing: str, kills: int, kill: str) -> dict:
+    path = BACKINGS[backing]
+    write_config(guest, "benchrec", f'backend = "file"\npath = "{path}"\nqueues = {QUEUES}\n'
+                                    f'queue_depth = {DEPTH}\nid = {DEV_ID}\n')
+    result = guest.run(
+        [str(CHECKOUT / ".venv" / "bin" / "python"), "-m", "benchmarks.recovery_gap",
+         "--ublkd", UBLKD, "--name", "benchrec", "--device", f"/dev/ublkb{DEV_ID}",
+         "--kills", str(kills), "--kill", kill, "--log", f"/var/tmp/recovery-gap-{kill}.log"],
+        cwd=str(CHECKOUT), check=False, timeout=kills * 200 + 300,
+    )
+    try:
+        gap = json.loads(result.stdout.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        gap = {"failure": f"recovery_gap.py: rc {result.rc}\n{result.stdout}\n{result.stderr}"}
+    if gap.get("failure"):
+        gap["ublkd_log"] = guest.run(f"tail -30 /var/tmp/recovery-gap-{kill}.log",
+                                     check=False).stdout
+        ublkd(guest, "delete", "benchrec", check=False, timeout=300)
+    gap["backing"] = backing
+    return gap
+
+
+def apply_ratios(samples: list[Sample]) -> None:
+    by_key = {(s.target, s.backing, s.job): s for s in samples}
+    for s in samples:
+        reference = REFERENCE.get(s.target)
+        ref = by_key.get((reference, s.backing, s.job)) if reference else None
+        if ref and ref.iops:
+            s.ratio, s.reference = s.iops / ref.iops, reference
 
 
 def table(samples: list[Sample]) -> str:
-    by_key = {(s.target, s.job): s for s in samples}
-    lines = [f"{'target':14}{'job':20}{'IOPS':>10}{'MB/s':>9}{'p50 us':>9}{'p99 us':>9}"
-             f"{'ratio':>14}"]
+    lines = [f"{'target':11}{'backing':9}{'job':20}{'IOPS':>9}{'MB/s':>8}{'p50 us':>9}"
+             f"{'p99 us':>9}{'ratio':>16}{'RSS MiB':>9}{'CPU us/IO':>10}"]
     for s in samples:
-        ratio = ""
-        for reference in REFERENCE.get(s.target, ()):
-            ref = by_key.get((reference, s.job))
-            if ref and ref.iops:
-                ratio = f"{s.iops / ref.iops:.2f}x {reference}"
-        lines.append(f"{s.target:14}{s.job:20}{s.iops:10.0f}{s.mb_s:9.1f}{s.p50_us:9.0f}"
-                     f"{s.p99_us:9.0f}{ratio:>14}")
+        ratio = f"{s.ratio:.2f}x {s.reference}" if s.ratio is not None else ""
+        rss = f"{s.rss_mib:.1f}" if s.rss_mib is not None else ""
+        cpu = f"{s.cpu_us_per_io:.0f}" if s.cpu_us_per_io is not None else ""
+        lines.append(f"{s.target:11}{s.backing:9}{s.job:20}{s.iops:9.0f}{s.mb_s:8.1f}"
+                     f"{s.p50_us:9.0f}{s.p99_us:9.0f}{ratio:>16}{rss:>9}{cpu:>10}")
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
+def summary(run: Run) -> str:
+    lines = []
+    ratios = {(s.backing, s.job): s.ratio for s in run.samples if s.target == "ublkd-file"}
+    for backing in sorted({b for b, _ in ratios}):
+        for job, goal in (("4k randread qd32", 0.8), ("4k randread qd1", 0.5)):
+            r = ratios.get((backing, job))
+            if r is not None:
+                lines.append(f"goal {job} on {backing}: ublkd-file {r:.2f}x loop "
+                             f"(goal >= {goal}): {'met' if r >= goal else 'NOT met'}")
+    for target, rss in run.daemons.items():
+        peak = rss["peak_rss_mib"]
+        main = f"; main process {rss['main_rss_mib']:.1f} MiB" if "main_rss_mib" in rss else ""
+        lines.append(f"goal RSS {target} (2 queues x depth 128): worker peak {peak:.1f} MiB "
+                     f"(goal < 40): {'met' if peak < 40 else 'NOT met'}{main}")
+    what = {"worker": "worker killed, the main process forks a new one",
+            "main": "`ublkd serve` killed and started again"}
+    for kill, gap in run.recovery.items():
+        if gap.get("median_s") is not None:
+            lines.append(f"recovery gap, {what[kill]}, over {gap['kills']} kills "
+                         f"({gap['backing']}): min {gap['min_s']:.2f} s, median "
+                         f"{gap['median_s']:.2f} s, max {gap['max_s']:.2f} s (goal median < 2): "
+                         f"{'met' if gap['median_s'] < 2 else 'NOT met'}; read errors: "
+                         f"{len(gap['read_errors'])}")
+        if gap.get("daemon_recover_s"):
+            lines.append(f"  of which the new worker's own recovery steps (START_USER_RECOVERY "
+                         f"to END_USER_RECOVERY): median "
+                         f"{statistics.median(gap['daemon_recover_s']):.2f} s")
+        if gap.get("failure"):
+            lines.append(f"recovery gap ({kill}): FAILED: {gap['failure']}\n"
+                         f"{gap.get('ublkd_log', '')}")
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None):
     parser = argparse.ArgumentParser(prog="python -m benchmarks.bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--runtime", type=int, default=10, help="seconds per fio job")
+    parser.add_argument("--quick", action="store_true",
+                        help="2 s per job (1 s ramp), the disk backing only, 5 kills")
+    parser.add_argument("--runtime", type=int, help="seconds per fio job (default 10)")
+    parser.add_argument("--ramp", type=int, help="fio ramp_time before measuring (default 2)")
+    parser.add_argument("--backings", help="comma-separated: disk, tmpfs, overlay "
+                                           "(default disk,tmpfs)")
+    parser.add_argument("--targets", default="ublkd-file,loop,file,ublkd-null,null_blk",
+                        help="comma-separated subset of the targets")
+    parser.add_argument("--jobs", help="comma-separated job names to keep, "
+                                       "e.g. '4k randread qd32,4k randread qd1'")
+    parser.add_argument("--kills", type=int, help="recovery gap: kills (default 20, 0 skips)")
     parser.add_argument("--json", type=Path, default=CHECKOUT / "build" / "bench.json")
     args = parser.parse_args(argv)
+    args.runtime = args.runtime or (2 if args.quick else 10)
+    args.ramp = args.ramp if args.ramp is not None else (1 if args.quick else 2)
+    args.backings = (args.backings or ("disk" if args.quick else "disk,tmpfs")).split(",")
+    unknown = set(args.backings) - set(BACKINGS)
+    if unknown:
+        parser.error(f"unknown backing {', '.join(sorted(unknown))}; known: {', '.join(BACKINGS)}")
+    args.targets = args.targets.split(",")
+    args.kills = args.kills if args.kills is not None else (5 if args.quick else 20)
+    wanted = args.jobs.split(",") if args.jobs else [job.name for job in JOBS]
+    unknown = set(wanted) - {job.name for job in JOBS}
+    if unknown:
+        parser.error(f"unknown job {', '.join(sorted(unknown))}; known: "
+                     f"{', '.join(job.name for job in JOBS)}")
+    args.jobs = [job for job in JOBS if job.name in wanted]
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     log_dir = CHECKOUT / "build" / "testbed" / time.strftime("bench-%Y%m%d-%H%M%S")
-    guest = Guest(prepare(), log_dir)
+    DISK_IMAGE.parent.mkdir(parents=True, exist_ok=True)
+    DISK_IMAGE.unlink(missing_ok=True)
+    with open(DISK_IMAGE, "wb") as image:
+        image.truncate(2 << 30)  # sparse; ext4 plus the 512 MiB file
+    guest = Guest(prepare(), log_dir, GuestConfig(disks=[DISK_IMAGE]))
+    started = time.monotonic()
     guest.boot()
+    run = Run()
     try:
-        samples = bench_file_targets(guest, args.runtime) + bench_null_targets(guest, args.runtime)
+        for backing in args.backings:
+            bench_file(guest, backing, args, run)
+        bench_null(guest, args, run)
+        for kill in ("worker", "main") if args.kills else ():
+            print(f"  recovery gap: {args.kills} kills of the {kill} process ...",
+                  file=sys.stderr, flush=True)
+            run.recovery[kill] = bench_recovery(guest, args.backings[0], args.kills, kill)
     finally:
         guest.shutdown()
-    print(table(samples))
+        DISK_IMAGE.unlink(missing_ok=True)
+    apply_ratios(run.samples)
+    print(table(run.samples))
+    print()
+    print(summary(run))
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps([asdict(s) for s in samples], indent=2))
-    print(f"\nJSON: {args.json}; guest logs: {log_dir}")
+    args.json.write_text(json.dumps({
+        "runtime_s": args.runtime, "ramp_s": args.ramp, "queues": QUEUES, "depth": DEPTH,
+        "samples": [asdict(s) for s in run.samples], "daemons": run.daemons,
+        "recovery": run.recovery,
+        "wall_s": round(time.monotonic() - started),
+    }, indent=2))
+    print(f"\nJSON: {args.json}; guest logs: {log_dir}; "
+          f"{(time.monotonic() - started) / 60:.1f} min")
     return 0
 
 

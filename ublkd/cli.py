@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from ublkd import __version__, daemon, systemd
@@ -15,6 +16,7 @@ from ublkd.config import format_size, load_config, validate_name
 from ublkd.errors import EXIT_INTERNAL, DeviceBusyError, DeviceNotFoundError, UblkdError
 from ublkd.kernel import uapi
 from ublkd.kernel.control import ControlDevice, DeviceInfo
+from ublkd.supervisor import Supervisor
 from ublkd.state import DeviceState, list_states, load_state, remove_state
 from ublkd.systemd import setup_logging
 
@@ -155,8 +157,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
+    return exit_code_of(args.func, args)
+
+
+def exit_code_of(func: Callable[..., int | None], *args) -> int:
+    """Run a command (or a serving worker) and map what it raised to an exit code."""
     try:
-        return args.func(args) or 0
+        return func(*args) or 0
     except UblkdError as error:
         log.error("%s", error)
         return error.exit_code
@@ -167,16 +174,23 @@ def main(argv: list[str] | None = None) -> int:
 
 # -- commands ------------------------------------------------------------------
 def cmd_serve(args: argparse.Namespace) -> int:
-    return daemon.serve(load_config(validate_name(args.name)))
+    config = load_config(validate_name(args.name))
+    daemon.require_root()
+    notifier = systemd.Notifier()
+    return Supervisor(config.name, lambda: exit_code_of(daemon.serve, config, notifier),
+                      notifier.status).run()
 
 
 def cmd_upgrade(args: argparse.Namespace) -> int:
     name = validate_name(args.name)
     daemon.require_root()
-    old, new = systemd.hand_over(f"ublkd@{name}.service")
+    before = load_state(name)
+    if before is None:
+        raise DeviceNotFoundError(f"{name}: ublkd has no state for it; nothing to hand over")
+    systemd.hand_over(f"ublkd@{name}.service")
     state = load_state(name)
-    print(f"{name}: /dev/ublkb{state.dev_id} handed over from pid {old} to pid {new} "
-          f"(ublkd {state.version})")
+    print(f"{name}: /dev/ublkb{state.dev_id} handed over from pid {before.pid} to pid "
+          f"{state.pid} (ublkd {state.version})")
     return 0
 
 

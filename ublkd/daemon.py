@@ -183,7 +183,9 @@ class Device:
         )
 
     def add_device(self, dev_id: int | None) -> DeviceInfo:
-        flags = RECOVERY_FLAGS[self.config.recovery]
+        # NEED_GET_DATA: the queues lend buffers per request instead of one
+        # per tag (resident memory ~ requests in flight, docs/performance.md).
+        flags = RECOVERY_FLAGS[self.config.recovery] | uapi.UBLK_F_NEED_GET_DATA
         if self.control.ioctl_encode:
             flags |= uapi.UBLK_F_CMD_IOCTL_ENCODE
         info = self.control.add_device(
@@ -333,7 +335,8 @@ class Device:
         fetch_op, commit_op = uapi.io_opcodes(self.control.ioctl_encode)
         for q_id in range(self.info.nr_queues):
             queue = Queue(char_fd, q_id, self.info.queue_depth, self.info.max_io_buf_bytes,
-                          backend, fetch_op, commit_op)
+                          backend, fetch_op, commit_op,
+                          need_get_data=bool(self.info.flags & uapi.UBLK_F_NEED_GET_DATA))
             self.queues.append(queue)
             queue.start()
         for queue in self.queues:
@@ -366,7 +369,9 @@ class Device:
         hands us after that is left fetched, and the kernel re-issues it
         to the next server (recovery = "reissue": no error for anyone).
         The device, its state file and the backend stay; the unit's
-        restart starts the successor, which recovers the device.
+        restart starts the successor, which recovers the device.  The
+        process must exit right after (the worker's os._exit): its exit
+        closes every queue's ring at once (Queue._stay_until_process_exit).
         """
         if not self.handover_requested.is_set():
             return
@@ -374,7 +379,8 @@ class Device:
         for queue in self.queues:
             queue.handover.set()
         for queue in self.queues:
-            queue.join()
+            while queue.alive and not queue.handed_over.wait(0.1):
+                pass
         log.info("%s: handed /dev/ublkb%d over; the next ublkd recovers it",
                  self.name, self.info.dev_id)
 
@@ -424,13 +430,13 @@ class Device:
         self.stop_requested.set()
 
 
-def serve(config: DeviceConfig) -> int:
+def serve(config: DeviceConfig, notifier: Notifier) -> int:
     """Create or recover the device `config` describes; serve it until SIGTERM/SIGINT
     (returns 0) or SIGUSR2 (hands it over, returns EXIT_HANDED_OVER)."""
     require_root()
     faulthandler.enable()  # SIGABRT from the watchdog prints every thread's stack
     with contextlib.closing(ControlDevice()) as control:
-        device = Device(config, control, Notifier())
+        device = Device(config, control, notifier)
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR2):
             signal.signal(signum, device.request_stop)
         return device.run()

@@ -71,7 +71,11 @@ def own_unit() -> str | None:
 
 
 class Notifier:
-    """sd_notify for one serving process: READY, STATUS, STOPPING, WATCHDOG."""
+    """sd_notify for one device: READY, STATUS, STOPPING, WATCHDOG.
+
+    Made in the unit's main process (WATCHDOG_PID names it), used by the
+    worker it forks as well (the unit has NotifyAccess=all).
+    """
 
     def __init__(self) -> None:
         self.notify_socket = bool(os.environ.get("NOTIFY_SOCKET"))
@@ -89,7 +93,7 @@ class Notifier:
             self.sd.notify(message)
 
     def ready(self, status: str) -> None:
-        self.send(f"READY=1\nSTATUS={status}\nMAINPID={os.getpid()}")
+        self.send(f"READY=1\nSTATUS={status}")
         self.watchdog()
 
     def status(self, status: str) -> None:
@@ -162,12 +166,12 @@ def unit_state(unit: str) -> tuple[str, str, int]:
                 int(handle.Service.MainPID))
 
 
-def hand_over(unit: str, timeout: float = 120.0) -> tuple[int, int]:
+def hand_over(unit: str, timeout: float = 120.0) -> None:
     """SIGUSR2 to the unit's daemon, then wait for its successor to be READY.
 
     The daemon finishes its backend I/O and exits (EXIT_HANDED_OVER); the
     unit restarts it from the binary installed now, which recovers the
-    device.  Returns (old pid, new pid).
+    device.
     """
     from pystemd.systemd1 import Manager
 
@@ -180,7 +184,7 @@ def hand_over(unit: str, timeout: float = 120.0) -> tuple[int, int]:
     while time.monotonic() < deadline:
         active, sub, pid = unit_state(unit)
         if active == "active" and sub == "running" and pid not in (0, old):
-            return old, pid
+            return
         time.sleep(0.1)
     raise KernelError(
         f"{unit}: no new daemon READY {timeout:.0f} s after the hand-over "

@@ -79,6 +79,13 @@ class ServedDevice:
     def pid(self) -> int:
         return self.status["pid"]
 
+    def kill(self, signal: str = "KILL") -> None:
+        """Kill `ublkd serve` itself (the worker's parent), as a crash of the
+        whole daemon would; the worker dies with it."""
+        self.guest.run(f"kill -{signal} $(ps -o ppid= -p {self.pid})")
+        self.thread.join(60)
+        assert not self.thread.is_alive(), f"ublkd serve {self.name} survived SIGKILL"
+
     def stop(self, timeout: float = 120) -> Result:
         """SIGTERM, as systemctl stop would send; returns the daemon's result."""
         self.guest.run(f"kill -TERM {self.pid}")
@@ -106,18 +113,26 @@ def start(guest, name: str, config: str) -> dict:
     return json.loads(ublkd(guest, "status", name, "--json").stdout)
 
 
-def kill_and_wait_live(guest, name: str, signal: str = "KILL", timeout: int = 120) -> float:
-    """Kill the serving process; return guest seconds until a new one is READY.
+def serving_pid_command(name: str) -> str:
+    """Shell: the pid of the worker serving `name`, from its state file (no Python)."""
+    return f"sed -n 's/^  \"pid\": \\([0-9]*\\).*/\\1/p' {STATE_DIR}/{name}.json"
+
+
+def kill_and_wait_live(guest, name: str, signal: str = "KILL", timeout: int = 120,
+                       who: str = "main") -> float:
+    """Kill the unit's main process (or, who="worker", the worker that serves);
+    return guest seconds until systemd has a new main process READY.
 
     Polls `systemctl show` (C, cheap) in a guest-side loop so the number is
     the guest's own clock, not the host's view through the agent.
     """
+    victim = "$old" if who == "main" else f"$({serving_pid_command(name)})"
     script = f"""
         unit=ublkd@{name}.service
         old=$(systemctl show -p MainPID --value $unit)
         [ "$old" -gt 0 ] || {{ echo "no main pid"; exit 1; }}
         start=$(date +%s%N)
-        kill -{signal} $old
+        kill -{signal} {victim}
         while :; do
             pid=$(systemctl show -p MainPID --value $unit)
             state=$(systemctl show -p ActiveState --value $unit)
@@ -133,6 +148,42 @@ def kill_and_wait_live(guest, name: str, signal: str = "KILL", timeout: int = 12
     """
     millis = guest.run(script, timeout=timeout + 60).stdout.strip().splitlines()[-1]
     return int(millis) / 1000
+
+
+def kill_worker_and_time_first_read(guest, name: str, device: str, signal: str = "KILL",
+                                    timeout: int = 120) -> float:
+    """Kill the worker serving `name`; return guest seconds from the kill until
+    a direct read of `device`, issued once the worker is gone, completes: the
+    gap an application sees while the unit's main process forks a new worker."""
+    script = f"""
+        pid=$({serving_pid_command(name)})
+        [ -n "$pid" ] || {{ echo "no serving pid"; exit 1; }}
+        start=$(date +%s%N)
+        kill -{signal} $pid
+        while [ -e /proc/$pid ]; do sleep 0.01; done
+        timeout {timeout} dd if={device} of=/dev/null bs=4k count=1 iflag=direct status=none \\
+            || {{ echo "no read completed within {timeout} s"; exit 1; }}
+        echo $(( ($(date +%s%N) - start) / 1000000 ))
+    """
+    millis = guest.run(script, timeout=timeout + 60).stdout.strip().splitlines()[-1]
+    return int(millis) / 1000
+
+
+class JournalSince:
+    """The guest's journal from now on: what one test caused, not the earlier
+    tests of the session guest (the same unit names come back in each)."""
+
+    def __init__(self, guest: Guest):
+        self.guest = guest
+        out = guest.run("journalctl -n 0 --show-cursor -q").stdout
+        self.cursor = out.split("cursor: ", 1)[1].strip()
+
+    def of(self, unit: str) -> str:
+        return self.guest.journal(f"--after-cursor={self.cursor}", "-u", unit)
+
+    def command(self, unit: str) -> str:
+        """Shell: the same, for polling in the guest."""
+        return f"journalctl -q --after-cursor='{self.cursor}' -u {unit}"
 
 
 def devnum(guest, path: str) -> str:

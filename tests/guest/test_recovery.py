@@ -13,9 +13,10 @@ import re
 
 import pytest
 
-from tests.guest.serving import (CHECKOUT, STATE_DIR, ServedDevice, devnum, fio_jobs,
-                                 kill_and_wait_live, run_in_background, show, start, ublkd,
-                                 wait_in_guest, write_config)
+from tests.guest.serving import (CHECKOUT, STATE_DIR, JournalSince, ServedDevice, devnum,
+                                 fio_jobs, kill_and_wait_live, kill_worker_and_time_first_read,
+                                 run_in_background, show, start, ublkd, wait_in_guest,
+                                 write_config)
 
 BACKING = "/var/tmp/vol0.img"
 MNT = "/mnt/vol0"
@@ -39,6 +40,11 @@ def systemd_guest(units_installed):
     assert leftover == "", f"left behind after stop: {leftover}"
 
 
+@pytest.fixture
+def journal(systemd_guest) -> JournalSince:
+    return JournalSince(systemd_guest)
+
+
 def test_units_verify_clean(units_installed):
     # The man pages come with the package; the checkout's units are verified
     # without them.
@@ -48,7 +54,7 @@ def test_units_verify_clean(units_installed):
     assert result.rc == 0 and result.stdout.strip() == "", result.describe()
 
 
-def test_reissue_survives_five_kills_under_fio_through_ext4(systemd_guest, report):
+def test_reissue_survives_five_kills_under_fio_through_ext4(systemd_guest, journal, report):
     guest = systemd_guest
     status = start(guest, "vol0", f'backend = "file"\npath = "{BACKING}"\nsize = "512MiB"\n')
     dev = status["device"]
@@ -70,7 +76,7 @@ def test_reissue_survives_five_kills_under_fio_through_ext4(systemd_guest, repor
     assert devnum(guest, dev) == before
     assert f"{dev} {MNT} ext4" in guest.read_file("/proc/mounts")
     assert show(guest, "ublkd@vol0", "NRestarts")["NRestarts"] == "5"
-    journal = guest.journal("-u", "ublkd@vol0")
+    journal = journal.of("ublkd@vol0")
     assert len(re.findall(rf"vol0: recovered {dev}", journal)) == 5, journal
     guest.run(f"umount {MNT} && e2fsck -fn {dev}")
     report(f"reissue, ext4 + fio: kill -9 to LIVE again (guest s): "
@@ -78,32 +84,63 @@ def test_reissue_survives_five_kills_under_fio_through_ext4(systemd_guest, repor
 
 
 @pytest.mark.parametrize("signal", ["SEGV", "ABRT"])
-def test_crash_signals_recover_the_same_device(systemd_guest, signal):
+def test_crashed_worker_is_replaced_in_place_on_the_same_device(systemd_guest, journal, signal):
     guest = systemd_guest
     status = start(guest, "vol0", f'backend = "file"\npath = "{BACKING}"\nsize = "64MiB"\n'
                                   f'recovery = "abort"\n')
     dev = status["device"]
+    main = show(guest, "ublkd@vol0", "MainPID")["MainPID"]
     guest.run(f"head -c 1M /dev/urandom > /tmp/p && dd if=/tmp/p of={dev} bs=1M "
               f"oflag=direct status=none")
     before = devnum(guest, dev)
-    kill_and_wait_live(guest, "vol0", signal)
+    kill_worker_and_time_first_read(guest, "vol0", dev, signal)
     assert devnum(guest, dev) == before
     guest.run(f"cmp -n 1048576 /tmp/p {dev}")
-    unit = show(guest, "ublkd@vol0", "NRestarts", "ActiveState")
-    assert unit == {"NRestarts": "1", "ActiveState": "active"}
+    unit = show(guest, "ublkd@vol0", "NRestarts", "ActiveState", "MainPID")
+    assert unit == {"NRestarts": "0", "ActiveState": "active", "MainPID": main}
+    after = json.loads(ublkd(guest, "status", "vol0", "--json").stdout)
+    assert after["pid"] != status["pid"] and after["generation"] == status["generation"] + 1
+    assert f"killed by SIG{signal}; a new worker recovers" in journal.of("ublkd@vol0")
 
 
-def test_stopped_daemon_is_killed_by_the_watchdog_and_recovers(systemd_guest):
+def test_killed_worker_is_replaced_in_place_under_fio(systemd_guest, journal, report):
+    guest = systemd_guest
+    status = start(guest, "vol0", f'backend = "file"\npath = "{BACKING}"\nsize = "256MiB"\n')
+    dev = status["device"]
+    main = show(guest, "ublkd@vol0", "MainPID")["MainPID"]
+    before = devnum(guest, dev)
+    fio, box = run_in_background(
+        guest, f"fio --name=worker --filename={dev} --rw=randwrite --bs=4k --size=32M "
+               f"--ioengine=libaio --iodepth=16 --direct=1 --verify=crc32c --verify_fatal=1 "
+               f"--output-format=json")
+    gaps = []
+    for _ in range(3):
+        guest.run("sleep 2")
+        gaps.append(kill_worker_and_time_first_read(guest, "vol0", dev))
+    fio.join(1800)
+    assert box[0].rc == 0, box[0].describe()
+    assert fio_jobs(box[0])[0]["error"] == 0
+    assert devnum(guest, dev) == before
+    unit = show(guest, "ublkd@vol0", "NRestarts", "ActiveState", "MainPID")
+    assert unit == {"NRestarts": "0", "ActiveState": "active", "MainPID": main}
+    journal = journal.of("ublkd@vol0")
+    assert len(re.findall(r"killed by SIGKILL; a new worker recovers", journal)) == 3, journal
+    assert len(re.findall(rf"vol0: recovered {dev}", journal)) == 3, journal
+    report(f"worker kill -9 under fio, to the first read served again (guest s): "
+           f"{', '.join(f'{t:.2f}' for t in gaps)}")
+
+
+def test_stopped_daemon_is_killed_by_the_watchdog_and_recovers(systemd_guest, journal):
     guest = systemd_guest
     status = start(guest, "vol0", f'backend = "file"\npath = "{BACKING}"\nsize = "64MiB"\n')
     dev = status["device"]
-    seconds = kill_and_wait_live(guest, "vol0", "STOP", timeout=180)
+    seconds = kill_and_wait_live(guest, "vol0", "STOP", timeout=180, who="worker")
     assert seconds >= 15  # WatchdogSec=20s: it was the watchdog, not a crash
-    assert "Watchdog timeout" in guest.journal("-u", "ublkd@vol0")
+    assert "Watchdog timeout" in journal.of("ublkd@vol0")
     guest.run(f"dd if=/dev/urandom of={dev} bs=4k count=16 oflag=direct status=none")
 
 
-def test_status_line_and_journal_name_the_device(systemd_guest):
+def test_status_line_and_journal_name_the_device(systemd_guest, journal):
     guest = systemd_guest
     status = start(guest, "vol0", f'backend = "file"\npath = "{BACKING}"\nsize = "64MiB"\n')
     dev = status["device"]
@@ -114,7 +151,7 @@ def test_status_line_and_journal_name_the_device(systemd_guest):
         f"{dev} LIVE, file backend, recovered 1 time"
     text = guest.run("systemctl status ublkd@vol0 --no-pager", check=False).stdout
     assert f"Status: \"{dev} LIVE, file backend, recovered 1 time\"" in text
-    journal = guest.journal("-u", "ublkd@vol0")
+    journal = journal.of("ublkd@vol0")
     assert f"vol0: created {dev}" in journal
     assert "Main process exited, code=killed, status=9/KILL" in journal
     assert f"vol0: recovered {dev}" in journal
@@ -128,8 +165,7 @@ def test_crash_between_start_and_end_of_recovery_still_recovers(systemd_guest):
     device = ServedDevice(guest, "vol0").start()
     guest.run(f"head -c 1M /dev/urandom > /tmp/p && dd if=/tmp/p of={device.path} bs=1M "
               f"oflag=direct status=none")
-    guest.run(f"kill -9 {device.pid}")
-    device.thread.join(60)
+    device.kill()
     ublkd(guest, "recover", "vol0", timeout=120)
     again = ServedDevice(guest, "vol0").start()
     assert again.dev_id == device.dev_id
@@ -138,7 +174,7 @@ def test_crash_between_start_and_end_of_recovery_still_recovers(systemd_guest):
 
 
 @pytest.mark.parametrize("policy", ["delete", "keep"])
-def test_crash_loop_past_the_start_limit_applies_on_give_up(systemd_guest, policy):
+def test_crash_loop_past_the_start_limit_applies_on_give_up(systemd_guest, journal, policy):
     guest = systemd_guest
     status = start(guest, "vol0", f'backend = "file"\npath = "{BACKING}"\nsize = "64MiB"\n'
                                   f'on_give_up = "{policy}"\n')
@@ -149,7 +185,7 @@ def test_crash_loop_past_the_start_limit_applies_on_give_up(systemd_guest, polic
     wait_in_guest(guest, "systemctl is-failed -q ublkd@vol0", 120)
     wait_in_guest(guest, "systemctl is-active -q ublkd-giveup@vol0", 60)
     assert int(show(guest, "ublkd@vol0", "NRestarts")["NRestarts"]) >= 5
-    giveup_log = guest.journal("-u", "ublkd-giveup@vol0")
+    giveup_log = journal.of("ublkd-giveup@vol0")
     if policy == "delete":
         assert "deleted" in giveup_log
         assert guest.run(f"test -e {dev}", check=False).rc == 1
@@ -231,7 +267,9 @@ def test_abort_mode_fails_only_in_flight_writes_and_keeps_acknowledged_ones(syst
            f"{result['errors']} failed with EIO, {len(result['bad'])} bad blocks")
 
 
-def test_upgrade_hands_over_under_load_without_errors(systemd_guest):
+def test_upgrade_hands_over_under_load_without_errors(systemd_guest, journal, report):
+    """Three hand-overs in a row under fio: one in three once hung in the
+    kernel (docs/kernel-notes.md), so one would prove little."""
     guest = systemd_guest
     status = start(guest, "vol0", f'backend = "file"\npath = "{BACKING}"\nsize = "256MiB"\n')
     dev = status["device"]
@@ -240,22 +278,27 @@ def test_upgrade_hands_over_under_load_without_errors(systemd_guest):
         guest, f"fio --name=upgrade --filename={dev} --rw=randwrite --bs=4k --size=48M "
                f"--ioengine=libaio --iodepth=16 --direct=1 --verify=crc32c --verify_fatal=1 "
                f"--output-format=json")
-    guest.run("sleep 3")
-    out = ublkd(guest, "upgrade", "vol0", timeout=180).stdout
-    assert re.search(rf"vol0: {dev} handed over from pid {status['pid']} to pid \d+", out), out
+    pids = [status["pid"]]
+    for _ in range(3):
+        guest.run("sleep 2")
+        out = ublkd(guest, "upgrade", "vol0", timeout=180).stdout
+        found = re.search(rf"vol0: {dev} handed over from pid {pids[-1]} to pid (\d+)", out)
+        assert found, out
+        pids.append(int(found.group(1)))
     fio.join(1800)
     assert box[0].rc == 0, box[0].describe()
     assert fio_jobs(box[0])[0]["error"] == 0
     after = json.loads(ublkd(guest, "status", "vol0", "--json").stdout)
-    assert after["pid"] != status["pid"] and after["state"] == "LIVE"
-    assert after["generation"] == status["generation"] + 1
+    assert after["pid"] == pids[-1] and len(set(pids)) == 4 and after["state"] == "LIVE"
+    assert after["generation"] == status["generation"] + 3
     assert devnum(guest, dev) == before
     unit = show(guest, "ublkd@vol0", "ActiveState", "Result")
     assert unit == {"ActiveState": "active", "Result": "success"}
-    assert "handed /dev/ublkb" in guest.journal("-u", "ublkd@vol0")
+    assert journal.of("ublkd@vol0").count("handed /dev/ublkb") == 3
+    report(f"3 hand-overs under fio, serving pids {' -> '.join(map(str, pids))}, no I/O error")
 
 
-def test_hung_backend_stops_the_watchdog_and_the_device_recovers(systemd_guest):
+def test_hung_backend_stops_the_watchdog_and_the_device_recovers(systemd_guest, journal):
     """The backing device stops answering (device-mapper suspended): the
     daemon stops pinging, systemd kills it, and once the disk answers again
     the restarted daemon recovers and the stuck write completes."""
@@ -269,8 +312,9 @@ def test_hung_backend_stops_the_watchdog_and_the_device_recovers(systemd_guest):
         guest.run("dmsetup suspend ublkd-slow")
         writer, box = run_in_background(
             guest, f"dd if=/dev/urandom of={dev} bs=4k count=1 oflag=direct,sync status=none")
-        wait_in_guest(guest, "journalctl -u ublkd@vol0 | grep -q 'Watchdog timeout'", 180)
-        journal = guest.journal("-u", "ublkd@vol0")
+        wait_in_guest(guest, f"{journal.command('ublkd@vol0')} | grep -q 'Watchdog timeout'",
+                      180)
+        journal = journal.of("ublkd@vol0")
         assert "backend I/O unanswered" in journal
         guest.run("dmsetup resume ublkd-slow")
         wait_in_guest(guest, "systemctl is-active -q ublkd@vol0 && "

@@ -142,8 +142,7 @@ def test_delete_removes_an_orphaned_device_but_not_a_served_one(clean_guest):
     device = ServedDevice(guest, "vol0").start()
     refused = ublkd(guest, "delete", "vol0", check=False)
     assert refused.rc == 5 and "systemctl stop ublkd@vol0" in refused.stderr
-    guest.run(f"kill -9 {device.pid}")
-    device.thread.join(60)
+    device.kill()
     listed = json.loads(ublkd(guest, "list", "--json").stdout)
     assert [(d["name"], d["state"]) for d in listed] == [("vol0", "QUIESCED")]
     ublkd(guest, "delete", "vol0")

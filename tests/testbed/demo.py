@@ -5,18 +5,21 @@
 It boots the test bed guest (Debian's 6.12 kernel, real ublk_drv, systemd
 as PID 1), starts ublkd@demo, puts ext4 on /dev/ublkbN, writes files, then
 kills the daemon with SIGKILL three times while fio writes and verifies
-through the file system, and shows, step by step, that the device, the
+through the file system (the worker that serves twice, the whole daemon
+once), and shows, step by step, that the device, the
 mount and the data are still there.  Exit code 0 means every check held.
 """
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from pathlib import Path
 
 from tests.guest.serving import (CHECKOUT, devnum, fio_jobs, kill_and_wait_live,
-                                 run_in_background, show, start, ublkd)
+                                 kill_worker_and_time_first_read, run_in_background, show,
+                                 start, ublkd)
 from tests.testbed import Guest, prepare
 
 MNT = "/mnt/demo"
@@ -66,11 +69,7 @@ def demo(guest: Guest) -> None:
                f"--verify=crc32c --verify_fatal=1 --output-format=json")
     for kill in range(1, KILLS + 1):
         guest.run("sleep 2")
-        old = show(guest, "ublkd@demo", "MainPID")["MainPID"]
-        seconds = kill_and_wait_live(guest, "demo")
-        new = show(guest, "ublkd@demo", "MainPID")["MainPID"]
-        say(f"    kill {kill}: pid {old} killed; systemd restarted ublkd, pid {new} "
-            f"recovered {dev} in {seconds:.2f} s (guest time)")
+        say(f"    kill {kill}: {kill_one(guest, dev, whole_daemon=kill % 2 == 0)}")
         check(devnum(guest, dev) == numbers, f"{dev} still has device number {numbers}")
         check(f"{dev} {MNT} " in guest.read_file("/proc/mounts"), f"{MNT} still mounted")
     fio.join(1800)
@@ -90,6 +89,23 @@ def demo(guest: Guest) -> None:
     guest.run("systemctl stop ublkd@demo")
     check(guest.run(f"test -e {dev}", check=False).rc == 1, f"{dev} is gone")
     check(ublkd(guest, "list", "--json").stdout.strip() == "[]", "ublkd list is empty")
+
+
+def kill_one(guest: Guest, dev: str, whole_daemon: bool) -> str:
+    """SIGKILL to the worker that serves (its parent forks a new one), or to
+    the unit's main process (systemd restarts the unit); what happened."""
+    old_main = show(guest, "ublkd@demo", "MainPID")["MainPID"]
+    old_worker = json.loads(ublkd(guest, "status", "demo", "--json").stdout)["pid"]
+    if whole_daemon:
+        seconds = kill_and_wait_live(guest, "demo")
+        what = (f"main process {old_main} killed, systemd restarted ublkd@demo, active "
+                f"again after {seconds:.2f} s")
+    else:
+        seconds = kill_worker_and_time_first_read(guest, "demo", dev)
+        what = (f"worker {old_worker} killed, main process {old_main} forked a new one, "
+                f"a read completed {seconds:.2f} s after the kill")
+    new_worker = json.loads(ublkd(guest, "status", "demo", "--json").stdout)["pid"]
+    return f"{what} (guest time); worker {new_worker} serves {dev}"
 
 
 def main() -> int:

@@ -16,6 +16,20 @@ from ublkd.kernel.uring import Ring
 
 
 @dataclass(frozen=True)
+class FastPath:
+    """What the queue's C loop may serve by itself, without calling `submit`.
+
+    kind "file": READ/WRITE/FLUSH/DISCARD/WRITE_ZEROES on `fd`, exactly as
+    FileBackend.submit would (io_uring, or pread/pwrite in the queue thread
+    when `inline`); kind "null": what NullBackend.submit answers.
+    """
+
+    kind: str  # "file" or "null"
+    fd: int = -1
+    inline: bool = False
+
+
+@dataclass(frozen=True)
 class Request:
     """One ublk I/O, decoded from its descriptor (byte units)."""
 
@@ -39,6 +53,14 @@ class Backend(ABC):
         result is the answer), else the result itself: bytes done, or a
         negative errno.
         """
+
+    def fast_path(self) -> FastPath | None:
+        """How the queue's C loop may serve common requests itself; None: all go to `submit`.
+
+        `submit` stays the reference: the loop hands it every request it
+        does not know how to serve.
+        """
+        return None
 
     def close(self) -> None:
         """Release what open_backend took."""

@@ -3,10 +3,18 @@
 O_DIRECT is used when the file takes it for the device's block size (probed
 with one aligned read), so the page cache does not hold a second copy of
 what the ublk device's own cache holds; otherwise buffered I/O.
+
+The queue's C loop serves the requests (`fast_path`) through io_uring on
+the queue's ring.  Files on tmpfs/ramfs are the exception: io_uring cannot
+read them without blocking (no FMODE_NOWAIT) and hands every request to an
+io-wq worker thread, two thread switches for what is a memcpy; for those
+the loop calls pread/pwrite itself (docs/performance.md has the numbers).
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import errno
 import fcntl
 import mmap
@@ -14,7 +22,7 @@ import os
 import stat
 from pathlib import Path
 
-from ublkd.backends import Backend, Request
+from ublkd.backends import Backend, FastPath, Request
 from ublkd.config import DeviceConfig, format_size
 from ublkd.errors import BackendError, DeviceBusyError
 from ublkd.kernel import uapi
@@ -24,6 +32,9 @@ BLKGETSIZE64 = 0x80081272
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
 FALLOC_FL_ZERO_RANGE = 0x10
+TMPFS_MAGIC = 0x01021994
+RAMFS_MAGIC = 0x858458F6
+MEMORY_FILESYSTEMS = (TMPFS_MAGIC, RAMFS_MAGIC)
 
 
 class FileBackend(Backend):
@@ -40,6 +51,10 @@ class FileBackend(Backend):
         except BaseException:
             os.close(self.fd)
             raise
+        self.inline = filesystem_type(self.fd) in MEMORY_FILESYSTEMS and not nowait_works(self.fd)
+
+    def fast_path(self) -> FastPath:
+        return FastPath("file", self.fd, inline=self.inline)
 
     def submit(self, ring: Ring, request: Request, user_data: int) -> int | None:
         op = request.op
@@ -120,6 +135,29 @@ def direct_read_works(fd: int, block_size: int) -> bool:
         return True
     except OSError:
         return False
+    finally:
+        buffer.close()
+
+
+def filesystem_type(fd: int) -> int | None:
+    """f_type of fstatfs(fd) (a *_MAGIC number), None if it cannot be had."""
+    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    buf = ctypes.create_string_buffer(256)  # struct statfs is 120 bytes on 64-bit Linux
+    if libc.fstatfs(fd, buf) != 0:
+        return None
+    return ctypes.c_ulong.from_buffer(buf).value & 0xFFFFFFFF
+
+
+def nowait_works(fd: int) -> bool:
+    """Whether the file takes RWF_NOWAIT: then io_uring serves it without a worker thread."""
+    buffer = mmap.mmap(-1, mmap.PAGESIZE)
+    try:
+        os.preadv(fd, [buffer], 0, os.RWF_NOWAIT)
+        return True
+    except BlockingIOError:
+        return True  # supported, the data just was not at hand
+    except OSError:
+        return False  # EOPNOTSUPP: no FMODE_NOWAIT
     finally:
         buffer.close()
 

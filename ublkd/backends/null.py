@@ -8,7 +8,7 @@ from __future__ import annotations
 import ctypes
 import errno
 
-from ublkd.backends import Backend, Request
+from ublkd.backends import Backend, FastPath, Request
 from ublkd.config import DeviceConfig
 from ublkd.kernel import uapi
 from ublkd.kernel.uring import Ring
@@ -31,3 +31,6 @@ class NullBackend(Backend):
                           uapi.UBLK_IO_OP_WRITE_ZEROES):
             return 0
         return -errno.EOPNOTSUPP
+
+    def fast_path(self) -> FastPath:
+        return FastPath("null")

@@ -62,11 +62,62 @@ int ublkd_submit_and_wait_timeout(struct io_uring *ring, unsigned wait_nr,
                                   int64_t timeout_ns);
 unsigned ublkd_reap(struct io_uring *ring, uint64_t *user_data, int32_t *res,
                     unsigned max);
+int ublkd_register_files(struct io_uring *ring, const int *fds, unsigned n);
+
+#define UBLKD_BACKEND_IO ...
+#define UBLKD_KIND_PYTHON ...
+#define UBLKD_KIND_FILE ...
+#define UBLKD_KIND_NULL ...
+
+struct ublkd_queue {
+	struct io_uring *ring;
+	const uint8_t *descs;
+	uint64_t buf_base;
+	uint32_t buf_size;
+	uint32_t commit_op;
+	uint32_t get_data_op;
+	int pool;
+	int char_fd;
+	int char_fixed;
+	int backend_kind;
+	int backend_fd;
+	int backend_fixed;
+	int backend_inline;
+	int backend_raw_fd;
+	uint16_t q_id;
+	uint16_t depth;
+	uint64_t *started;
+	unsigned busy;
+	int handover;
+	int32_t *slot;
+	int32_t *free_slots;
+	unsigned nfree;
+	int32_t *released;
+	unsigned nreleased;
+	uint64_t *ev_ud;
+	int32_t *ev_res;
+	unsigned ev_max;
+	unsigned ev_n;
+	uint64_t nr_io;
+	uint64_t nr_python;
+	uint64_t nr_waits;
+	uint64_t nr_get_data;
+	...;
+};
+
+void ublkd_queue_init_slots(struct ublkd_queue *q);
+int ublkd_queue_serve(struct ublkd_queue *q, int64_t wait_ns, int64_t budget_ns);
+int ublkd_queue_commit(struct ublkd_queue *q, uint16_t tag, int32_t result);
+uint64_t ublkd_queue_buffer(struct ublkd_queue *q, uint16_t tag);
+uint64_t ublkd_queue_oldest(struct ublkd_queue *q);
+uint64_t ublkd_now_ns(void);
 """
 
 SOURCE = r"""
 #include <errno.h>
 #include <stdint.h>
+#include <time.h>
+#include <unistd.h>
 #include <stdlib.h>
 #include <string.h>
 #include <liburing.h>
@@ -285,6 +336,439 @@ unsigned ublkd_reap(struct io_uring *ring, uint64_t *user_data, int32_t *res,
 	}
 	io_uring_cq_advance(ring, n);
 	return n;
+}
+int ublkd_register_files(struct io_uring *ring, const int *fds, unsigned n)
+{
+	if (!ring)
+		return -EBADFD;
+	return io_uring_register_files(ring, fds, n);
+}
+
+/* ---- The serving loop of one ublk queue -------------------------------
+ *
+ * Everything a request needs on its common path happens here, with the
+ * GIL released (cffi drops it around every call): reap the CQEs, decode
+ * the descriptor of each fetched tag, start the backend's I/O (or answer
+ * at once), and queue COMMIT_AND_FETCH for every finished one; the next
+ * io_uring_enter submits the whole batch and waits for the next.  Python
+ * sees only "events": ublk completions it must handle itself (ABORT,
+ * errors, requests of a backend or an op this loop does not know).
+ * docs/performance.md has the numbers that put this loop in C.
+ *
+ * Buffers.  Without NEED_GET_DATA the kernel copies a WRITE's data into
+ * the address given with the tag's previous COMMIT_AND_FETCH, before we
+ * know the size: every tag needs its own buffer of the largest request,
+ * and resident memory grows to depth x the largest request seen.  With
+ * UBLK_F_NEED_GET_DATA ("pool" mode) a WRITE first comes back as
+ * NEED_GET_DATA and we name the buffer then, and a READ's buffer is named
+ * by its COMMIT: buffers come from a LIFO pool when a request needs one
+ * and go back once the kernel has copied out of them, so only about as
+ * many as there are requests in flight are ever touched.
+ */
+#define UBLKD_BACKEND_IO (1ULL << 32)
+#define UBLKD_TAG_MASK 0xffffULL
+#define UBLKD_KIND_PYTHON 0
+#define UBLKD_KIND_FILE 1
+#define UBLKD_KIND_NULL 2
+
+#define UBLKD_IO_RES_OK 0
+#define UBLKD_IO_RES_NEED_GET_DATA 1
+#define UBLKD_OP_READ 0
+#define UBLKD_OP_WRITE 1
+#define UBLKD_OP_FLUSH 2
+#define UBLKD_OP_DISCARD 3
+#define UBLKD_OP_WRITE_ZEROES 5
+#define UBLKD_FALLOC_KEEP_SIZE 0x01
+#define UBLKD_FALLOC_PUNCH_HOLE 0x02
+#define UBLKD_FALLOC_ZERO_RANGE 0x10
+
+struct ublkd_queue {
+	struct io_uring *ring;
+	const uint8_t *descs;	/* the mmap'd struct ublksrv_io_desc array */
+	uint64_t buf_base;	/* buffer i: buf_base + i * buf_size, i < depth */
+	uint32_t buf_size;
+	uint32_t commit_op;	/* COMMIT_AND_FETCH_REQ, legacy or ioctl form */
+	uint32_t get_data_op;	/* NEED_GET_DATA, same form */
+	int pool;		/* NEED_GET_DATA device: buffers from the pool */
+	int char_fd;		/* /dev/ublkcN: fd, or fixed-file index */
+	int char_fixed;
+	int backend_kind;	/* UBLKD_KIND_* */
+	int backend_fd;		/* file backend: fd, or fixed-file index */
+	int backend_fixed;
+	int backend_inline;	/* pread/pwrite here instead of io_uring */
+	int backend_raw_fd;	/* the plain fd, for inline I/O */
+	uint16_t q_id;
+	uint16_t depth;
+	uint64_t *started;	/* per tag: CLOCK_MONOTONIC ns the request came in, 0 = idle */
+	unsigned busy;		/* tags with a request in the server (started != 0) */
+	int handover;		/* leave new requests fetched, return once busy == 0 */
+	int32_t *slot;		/* per tag: its buffer, -1 none (pool mode) */
+	int32_t *free_slots;	/* pool: stack of free buffers */
+	unsigned nfree;
+	int32_t *released;	/* pool: committed, free after the next submit */
+	unsigned nreleased;
+	uint64_t *ev_ud;	/* events for Python */
+	int32_t *ev_res;
+	unsigned ev_max;
+	unsigned ev_n;
+	uint64_t nr_io;		/* requests answered without Python */
+	uint64_t nr_python;	/* events handed to Python */
+	uint64_t nr_waits;	/* io_uring_enter calls */
+	uint64_t nr_get_data;	/* NEED_GET_DATA round trips */
+};
+
+struct ublkd_io_desc {
+	uint32_t op_flags;
+	uint32_t nr_sectors;
+	uint64_t start_sector;
+	uint64_t addr;
+};
+
+uint64_t ublkd_now_ns(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (uint64_t)ts.tv_sec * 1000000000ULL + (uint64_t)ts.tv_nsec;
+}
+
+/* Per-tag state; the pool is set up by Python (slot[] = -1 or the tag). */
+void ublkd_queue_init_slots(struct ublkd_queue *q)
+{
+	unsigned i;
+
+	q->nfree = q->nreleased = 0;
+	for (i = 0; i < q->depth; i++) {
+		q->slot[i] = q->pool ? -1 : (int32_t)i;
+		if (q->pool)	/* LIFO: buffer 0 on top, so low buffers stay hot */
+			q->free_slots[q->nfree++] = q->depth - 1 - i;
+	}
+}
+
+static inline void ublkd_set_started(struct ublkd_queue *q, unsigned tag, uint64_t t)
+{
+	if (!q->started[tag] != !t)
+		q->busy += t ? 1 : -1;
+	__atomic_store_n(&q->started[tag], t, __ATOMIC_RELAXED);
+}
+
+static void ublkd_free_released(struct ublkd_queue *q)
+{
+	while (q->nreleased)
+		q->free_slots[q->nfree++] = q->released[--q->nreleased];
+}
+
+/* The buffer of tag, taken from the pool if it has none yet; 0 if none
+ * can be had (cannot happen: there are as many buffers as tags). */
+static uint64_t ublkd_take_buffer(struct ublkd_queue *q, unsigned tag)
+{
+	if (q->slot[tag] < 0) {
+		if (!q->nfree && q->nreleased) {
+			/* Their COMMITs are queued: once submitted, the kernel
+			 * has copied out of them (it does so while handling the
+			 * command, in this thread). */
+			if (io_uring_submit(q->ring) < 0)
+				return 0;
+			ublkd_free_released(q);
+		}
+		if (!q->nfree)
+			return 0;
+		q->slot[tag] = q->free_slots[--q->nfree];
+	}
+	return q->buf_base + (uint64_t)q->slot[tag] * q->buf_size;
+}
+
+/* The address of tag's buffer, 0 if it has none. */
+uint64_t ublkd_queue_buffer(struct ublkd_queue *q, uint16_t tag)
+{
+	if (q->slot[tag] < 0)
+		return 0;
+	return q->buf_base + (uint64_t)q->slot[tag] * q->buf_size;
+}
+
+static int ublkd_prep_io_cmd(struct ublkd_queue *q, uint32_t op, uint16_t tag,
+			     int32_t result, uint64_t addr)
+{
+	int err = 0;
+	struct io_uring_sqe *sqe = ublkd_sqe(q->ring, &err);
+	struct ublkd_io_cmd *cmd;
+
+	if (!sqe)
+		return err;
+	cmd = (struct ublkd_io_cmd *)ublkd_prep_cmd(q->ring, sqe, q->char_fd, op, tag);
+	if (q->char_fixed)
+		sqe->flags |= IOSQE_FIXED_FILE;
+	cmd->q_id = q->q_id;
+	cmd->tag = tag;
+	cmd->result = result;
+	cmd->addr = addr;
+	return 0;
+}
+
+int ublkd_queue_commit(struct ublkd_queue *q, uint16_t tag, int32_t result)
+{
+	uint64_t addr = ublkd_queue_buffer(q, tag);
+	int ret;
+
+	/* A READ's COMMIT must name a buffer even when it failed (the kernel
+	 * copies nothing then): the tag's own range, never used in pool mode. */
+	if (!addr && q->pool && result < 0)
+		addr = q->buf_base + (uint64_t)tag * q->buf_size;
+	ret = ublkd_prep_io_cmd(q, q->commit_op, tag, result, addr);
+	if (ret)
+		return ret;
+	if (q->pool && q->slot[tag] >= 0) {
+		q->released[q->nreleased++] = q->slot[tag];
+		q->slot[tag] = -1;
+	}
+	ublkd_set_started(q, tag, 0);
+	return 0;
+}
+
+static void ublkd_event(struct ublkd_queue *q, uint64_t user_data, int32_t res)
+{
+	q->ev_ud[q->ev_n] = user_data;
+	q->ev_res[q->ev_n] = res;
+	q->ev_n++;
+	q->nr_python++;
+}
+
+static int ublkd_inline_io(struct ublkd_queue *q, unsigned op, void *buf,
+			   size_t len, off_t offset)
+{
+	size_t done = 0;
+	ssize_t n;
+
+	while (done < len) {
+		if (op == UBLKD_OP_READ)
+			n = pread(q->backend_raw_fd, (char *)buf + done, len - done, offset + done);
+		else
+			n = pwrite(q->backend_raw_fd, (char *)buf + done, len - done, offset + done);
+		if (n < 0) {
+			if (errno == EINTR)
+				continue;
+			return done ? (int)done : -errno;
+		}
+		if (n == 0)
+			break;
+		done += n;
+	}
+	return (int)done;
+}
+
+/* The file backend: 1 when an SQE tagged tag|BACKEND_IO was queued, 0 when
+ * the answer is in *res already, -1 when Python must handle the op, -2
+ * (with *err) when no SQE could be had. */
+static int ublkd_file_io(struct ublkd_queue *q, unsigned tag,
+			 const struct ublkd_io_desc *d, void *buf, int *res, int *err)
+{
+	unsigned op = d->op_flags & 0xff;
+	uint64_t offset = d->start_sector << 9;
+	uint64_t len = (uint64_t)d->nr_sectors << 9;
+	struct io_uring_sqe *sqe;
+
+	if (op == UBLKD_OP_READ || op == UBLKD_OP_WRITE) {
+		if (q->backend_inline) {
+			*res = ublkd_inline_io(q, op, buf, len, offset);
+			return 0;
+		}
+	} else if (op != UBLKD_OP_FLUSH && op != UBLKD_OP_DISCARD &&
+		   op != UBLKD_OP_WRITE_ZEROES) {
+		return -1;
+	}
+	sqe = ublkd_sqe(q->ring, err);
+	if (!sqe)
+		return -2;
+	switch (op) {
+	case UBLKD_OP_READ:
+		io_uring_prep_read(sqe, q->backend_fd, buf, len, offset);
+		break;
+	case UBLKD_OP_WRITE:
+		io_uring_prep_write(sqe, q->backend_fd, buf, len, offset);
+		break;
+	case UBLKD_OP_FLUSH:
+		io_uring_prep_fsync(sqe, q->backend_fd, IORING_FSYNC_DATASYNC);
+		break;
+	case UBLKD_OP_DISCARD:
+		io_uring_prep_fallocate(sqe, q->backend_fd,
+					UBLKD_FALLOC_PUNCH_HOLE | UBLKD_FALLOC_KEEP_SIZE,
+					(off_t)offset, (off_t)len);
+		break;
+	default: /* WRITE_ZEROES */
+		io_uring_prep_fallocate(sqe, q->backend_fd,
+					UBLKD_FALLOC_ZERO_RANGE | UBLKD_FALLOC_KEEP_SIZE,
+					(off_t)offset, (off_t)len);
+		break;
+	}
+	if (q->backend_fixed)
+		sqe->flags |= IOSQE_FIXED_FILE;
+	io_uring_sqe_set_data64(sqe, UBLKD_BACKEND_IO | tag);
+	return 1;
+}
+
+/* A fetched request on tag (its data, for a WRITE, in its buffer): start
+ * it, answer it, or hand it to Python. */
+static int ublkd_dispatch(struct ublkd_queue *q, unsigned tag, uint64_t now)
+{
+	const struct ublkd_io_desc *d =
+		(const struct ublkd_io_desc *)(q->descs + (size_t)tag * sizeof(*d));
+	unsigned op = d->op_flags & 0xff;
+	uint64_t len = (uint64_t)d->nr_sectors << 9;
+	int res = 0, err = 0, ret;
+	void *buf = NULL;
+
+	ublkd_set_started(q, tag, now);
+	if (op == UBLKD_OP_READ || op == UBLKD_OP_WRITE) {
+		uint64_t addr;
+
+		if (q->pool && op == UBLKD_OP_WRITE && q->slot[tag] < 0)
+			return ublkd_queue_commit(q, tag, -EIO);	/* no NEED_GET_DATA came */
+		addr = ublkd_take_buffer(q, tag);
+
+		if (!addr)
+			return ublkd_queue_commit(q, tag, -ENOMEM);
+		if (len > q->buf_size)
+			return ublkd_queue_commit(q, tag, -EINVAL);
+		buf = (void *)(uintptr_t)addr;
+	}
+	switch (q->backend_kind) {
+	case UBLKD_KIND_FILE:
+		ret = ublkd_file_io(q, tag, d, buf, &res, &err);
+		if (ret == 1)
+			return 0;	/* in flight; its CQE commits */
+		if (ret == -2)
+			return err;
+		if (ret == -1)
+			break;
+		q->nr_io++;
+		return ublkd_queue_commit(q, tag, res);
+	case UBLKD_KIND_NULL:
+		if (op == UBLKD_OP_READ) {	/* the buffer may hold an old write */
+			memset(buf, 0, len);
+			res = (int)len;
+		} else if (op == UBLKD_OP_WRITE) {
+			res = (int)len;
+		} else if (op != UBLKD_OP_FLUSH && op != UBLKD_OP_DISCARD &&
+			   op != UBLKD_OP_WRITE_ZEROES) {
+			break;
+		}
+		q->nr_io++;
+		return ublkd_queue_commit(q, tag, res);
+	}
+	ublkd_event(q, tag, UBLKD_IO_RES_OK);	/* Python's backend decides */
+	return 0;
+}
+
+/* NEED_GET_DATA: a WRITE came in; name the buffer its data goes to. */
+static int ublkd_get_data(struct ublkd_queue *q, unsigned tag)
+{
+	uint64_t addr = ublkd_take_buffer(q, tag);
+
+	if (!addr)
+		return -ENOMEM;
+	q->nr_get_data++;
+	return ublkd_prep_io_cmd(q, q->get_data_op, tag, 0, addr);
+}
+
+/* Handle the ready CQEs, as many as the event array has room for. */
+static int ublkd_queue_handle(struct ublkd_queue *q, uint64_t now)
+{
+	struct io_uring_cqe *cqe;
+	unsigned head, n = 0;
+	int ret = 0;
+
+	io_uring_for_each_cqe(q->ring, head, cqe) {
+		uint64_t ud = cqe->user_data;
+		unsigned tag = ud & UBLKD_TAG_MASK;
+
+		if (q->ev_n >= q->ev_max)
+			break;
+		n++;
+		if (ud & UBLKD_BACKEND_IO) {
+			q->nr_io++;
+			ret = ublkd_queue_commit(q, tag, cqe->res);
+		} else if (tag >= q->depth) {
+			ublkd_event(q, ud, cqe->res);
+		} else if (__atomic_load_n(&q->handover, __ATOMIC_RELAXED) &&
+			   (cqe->res == UBLKD_IO_RES_OK ||
+			    (cqe->res == UBLKD_IO_RES_NEED_GET_DATA && q->slot[tag] < 0))) {
+			/* Handing over: the request stays fetched, unanswered;
+			 * the kernel re-issues it to the next server. */
+		} else if (cqe->res == UBLKD_IO_RES_OK) {
+			ret = ublkd_dispatch(q, tag, now);
+		} else if (cqe->res == UBLKD_IO_RES_NEED_GET_DATA && q->pool) {
+			ret = ublkd_get_data(q, tag);
+		} else {	/* ABORT, errors */
+			ublkd_event(q, ud, cqe->res);
+		}
+		if (ret < 0)
+			break;
+	}
+	io_uring_cq_advance(q->ring, n);
+	return ret;
+}
+
+/* Serve until Python has events to handle (returns how many), nothing came
+ * for wait_ns, budget_ns passed, or a hand-over has nothing left in flight
+ * (returns 0); negative errno if the ring fails.  Events are in
+ * ev_ud/ev_res[0 .. return value). */
+int ublkd_queue_serve(struct ublkd_queue *q, int64_t wait_ns, int64_t budget_ns)
+{
+	uint64_t now = ublkd_now_ns();
+	uint64_t deadline = now + (uint64_t)budget_ns;
+	struct __kernel_timespec ts;
+	struct io_uring_cqe *cqe;
+	int64_t left;
+	int ret;
+
+	if (!q->ring)
+		return -EBADFD;
+	q->ev_n = 0;
+	for (;;) {
+		if (!q->busy && __atomic_load_n(&q->handover, __ATOMIC_RELAXED)) {
+			ret = io_uring_submit(q->ring);	/* the last commits */
+			return ret < 0 ? ret : 0;
+		}
+		left = (int64_t)(deadline - now);
+		if (left > wait_ns)
+			left = wait_ns;
+		if (left < 0)
+			left = 0;
+		ts.tv_sec = left / 1000000000;
+		ts.tv_nsec = left % 1000000000;
+		q->nr_waits++;
+		ret = io_uring_submit_and_wait_timeout(q->ring, &cqe, 1, &ts, NULL);
+		if (ret < 0 && ret != -ETIME && ret != -EINTR)
+			return ret;
+		/* What was committed before this enter has been submitted by it. */
+		ublkd_free_released(q);
+		now = ublkd_now_ns();
+		if (io_uring_cq_ready(q->ring)) {
+			int err = ublkd_queue_handle(q, now);
+
+			if (err < 0)
+				return err;
+		} else if (ret == -ETIME) {
+			return q->ev_n;	/* idle for wait_ns */
+		}
+		if (q->ev_n || now >= deadline)
+			return q->ev_n;
+	}
+}
+
+/* CLOCK_MONOTONIC ns at which the oldest request now in the server came
+ * in, 0 if none.  Called from other threads: relaxed atomic loads. */
+uint64_t ublkd_queue_oldest(struct ublkd_queue *q)
+{
+	uint64_t oldest = 0, t;
+	unsigned i;
+
+	for (i = 0; i < q->depth; i++) {
+		t = __atomic_load_n(&q->started[i], __ATOMIC_RELAXED);
+		if (t && (!oldest || t < oldest))
+			oldest = t;
+	}
+	return oldest;
 }
 """
 

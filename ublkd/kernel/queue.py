@@ -9,11 +9,15 @@ Life of a tag: FETCH_REQ -> (kernel hands us a request) -> backend I/O ->
 COMMIT_AND_FETCH_REQ with the result -> ... until the kernel answers ABORT
 (device stopped, or the queue is being torn down).  Closing the ring
 without that (`stop`) makes the kernel cancel the fetched commands itself.
+
+The per-request work runs in C (`uring.QueueLoop`) for backends that have a
+`fast_path`; this thread's Python sees only what is rare: ABORTs, errors,
+requests of ops or backends the C loop does not serve, and a wake-up at
+least every WAKE_INTERVAL for the heartbeat and `stop`.
 """
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import mmap
 import struct
@@ -22,13 +26,11 @@ import time
 
 from ublkd.backends import Backend, Request
 from ublkd.kernel import uapi
-from ublkd.kernel.uring import Ring
+from ublkd.kernel.uring import BACKEND_IO, TAG_MASK, QueueLoop, Ring
 
 log = logging.getLogger(__name__)
 
-BACKEND_IO = 1 << 32  # user_data bit: a backend completion, not a ublk command
-TAG_MASK = 0xFFFF
-WAKE_INTERVAL = 1.0  # seconds: an idle queue still wakes to beat and to see `stop`
+WAKE_INTERVAL = 1.0  # seconds: the loop comes back to Python at least this often
 DESCRIPTOR = struct.Struct("<IIQQ")  # struct ublksrv_io_desc
 
 
@@ -36,7 +38,8 @@ class Queue:
     """Serves queue `q_id` of the device whose /dev/ublkcN is `char_fd`."""
 
     def __init__(self, char_fd: int, q_id: int, depth: int, buffer_size: int,
-                 backend: Backend, fetch_op: int, commit_op: int):
+                 backend: Backend, fetch_op: int, commit_op: int,
+                 need_get_data: bool = False):
         self.char_fd = char_fd
         self.q_id = q_id
         self.depth = depth
@@ -44,16 +47,19 @@ class Queue:
         self.backend = backend
         self.fetch_op = fetch_op
         self.commit_op = commit_op
+        # The device has UBLK_F_NEED_GET_DATA: buffers from a pool, not one per tag.
+        self.need_get_data = need_get_data
         self.fetching = threading.Event()  # every tag fetched: the queue is ready
         self.stop = threading.Event()  # leave without waiting for ABORTs (never started)
-        # Hand over to a successor: finish backend I/O in flight, take no new
-        # work (what is fetched then stays with the kernel, which re-issues
+        # Hand over to a successor: finish the requests in the server, take no
+        # new work (what is fetched then stays with the kernel, which re-issues
         # it to the next server), leave.
-        self.handover = threading.Event()
+        self.handover = _HandoverEvent(self)
+        self.handed_over = threading.Event()  # nothing left in the server; ring kept open
         self.error: BaseException | None = None
         self.heartbeat = time.monotonic()  # the loop ran; for the watchdog
-        self.backend_started = [0.0] * depth  # per tag: when its backend I/O began
         self.thread = threading.Thread(target=self._run, name=f"ublk-queue-{q_id}", daemon=True)
+        self._loop: QueueLoop | None = None
 
     def start(self) -> None:
         self.thread.start()
@@ -66,9 +72,16 @@ class Queue:
         return self.thread.is_alive()
 
     def stalled_since(self) -> float | None:
-        """When the oldest backend I/O still in flight began, or None."""
-        started = [t for t in self.backend_started if t]
-        return min(started) if started else None
+        """time.monotonic() at which the oldest request still being served came in.
+
+        None when the server holds no request (idle, or every request
+        answered).  For the watchdog: a value far in the past means the
+        backend stopped answering.  Cheap, callable from any thread: the C
+        loop stamps each request as it dispatches it; this scans depth
+        stamps.
+        """
+        loop = self._loop
+        return loop.oldest_started() if loop is not None else None
 
     def _run(self) -> None:
         try:
@@ -84,14 +97,21 @@ class Queue:
         length = uapi.descriptor_length(self.depth)
         descriptors = mmap.mmap(self.char_fd, length, mmap.MAP_SHARED, mmap.PROT_READ,
                                 offset=offset)
+        # Anonymous memory: only the pages requests touch become resident
+        # (one buffer per tag; with NEED_GET_DATA, a pool lent per request).
         buffers = mmap.mmap(-1, self.depth * self.buffer_size)
-        anchor = ctypes.c_char.from_buffer(buffers)
-        base = ctypes.addressof(anchor)
         try:
             with Ring(self._ring_entries(), single_issuer=True) as ring:
-                self._loop(ring, descriptors, base)
+                get_data_op = need_get_data_opcode(self.commit_op) if self.need_get_data else None
+                loop = QueueLoop(ring, self.char_fd, self.q_id, self.depth, descriptors,
+                                 buffers, self.buffer_size, self.commit_op, get_data_op)
+                try:
+                    self._use_fast_path(loop)
+                    self._loop = loop
+                    self._serve_loop(ring, loop, descriptors)
+                finally:
+                    loop.close()
         finally:
-            del anchor
             buffers.close()
             descriptors.close()
 
@@ -102,45 +122,83 @@ class Queue:
             entries *= 2
         return entries
 
-    def _loop(self, ring: Ring, descriptors: mmap.mmap, base: int) -> None:
-        buffer_size = self.buffer_size
+    def _use_fast_path(self, loop: QueueLoop) -> None:
+        fast = self.backend.fast_path()
+        if fast is None:
+            return
+        if fast.kind == "file":
+            loop.use_file_backend(fast.fd, inline=fast.inline)
+        elif fast.kind == "null":
+            loop.use_null_backend()
+        else:
+            raise ValueError(f"unknown fast path kind {fast.kind!r}")
+
+    def _serve_loop(self, ring: Ring, loop: QueueLoop, descriptors: mmap.mmap) -> None:
         for tag in range(self.depth):
             ring.prep_ublk_io(self.char_fd, self.fetch_op, self.q_id, tag, 0,
-                              base + tag * buffer_size, tag)
+                              loop.fetch_address(tag), tag)
         ring.submit()
         self.fetching.set()
         log.debug("queue %d: fetching %d tags", self.q_id, self.depth)
         active = self.depth
         while active and not self.stop.is_set():
-            if self.handover.is_set() and not any(self.backend_started):
-                log.info("queue %d: backend I/O drained, handing over", self.q_id)
-                return
-            completions = ring.wait(1, timeout=WAKE_INTERVAL)
+            if self.handover.is_set():
+                loop.hand_over()
+                if not loop.busy:
+                    ring.submit()  # the last commits
+                    log.info("queue %d: requests in flight answered, handing over", self.q_id)
+                    self._stay_until_process_exit()
+            events = loop.serve(WAKE_INTERVAL)
             self.heartbeat = time.monotonic()
-            for user_data, result in completions:
+            for user_data, result in events:
                 tag = user_data & TAG_MASK
-                buffer = base + tag * buffer_size
-                if user_data & BACKEND_IO:
-                    self.backend_started[tag] = 0.0
-                    self._commit(ring, tag, result, buffer)
-                elif result == uapi.UBLK_IO_RES_OK:
-                    if not self.handover.is_set():
-                        self._dispatch(ring, descriptors, tag, buffer)
+                if result == uapi.UBLK_IO_RES_OK:
+                    # Dispatched by the C loop before any hand-over: serve it.
+                    self._dispatch(ring, loop, descriptors, tag)
                 elif result == uapi.UBLK_IO_RES_ABORT:
                     active -= 1
                 else:
                     log.error("queue %d tag %d: ublk command failed: %d", self.q_id, tag, result)
                     active -= 1
 
-    def _dispatch(self, ring: Ring, descriptors: mmap.mmap, tag: int, buffer: int) -> None:
+    def _stay_until_process_exit(self) -> None:
+        """After a hand-over the ring must not be closed by this thread alone.
+
+        Closing the queues' rings one at a time, while other queues still
+        served, left the 6.12 driver's quiesce waiting forever (holding the
+        device's mutex, so the successor's START_USER_RECOVERY hung) in about
+        one upgrade in three; a process that dies with every ring open, as a
+        killed one does, never did.  So the thread parks here and the
+        process's exit (right after the hand-over) tears all rings down.
+        """
+        self.handed_over.set()
+        threading.Event().wait()
+
+    def _dispatch(self, ring: Ring, loop: QueueLoop, descriptors: mmap.mmap, tag: int) -> None:
+        """A request the C loop left to the backend's `submit`."""
         op_flags, nr_sectors, start_sector, _ = DESCRIPTOR.unpack_from(descriptors, tag * 24)
         request = Request(op=op_flags & 0xFF, offset=start_sector << 9,
-                          length=nr_sectors << 9, buffer=buffer)
+                          length=nr_sectors << 9, buffer=loop.buffer(tag))
         result = self.backend.submit(ring, request, tag | BACKEND_IO)
-        if result is None:
-            self.backend_started[tag] = time.monotonic()
-        else:
-            self._commit(ring, tag, result, buffer)
+        if result is not None:
+            loop.commit(tag, result)
 
-    def _commit(self, ring: Ring, tag: int, result: int, buffer: int) -> None:
-        ring.prep_ublk_io(self.char_fd, self.commit_op, self.q_id, tag, result, buffer, tag)
+
+def need_get_data_opcode(commit_op: int) -> int:
+    """NEED_GET_DATA in the same encoding (legacy or ioctl) as commit_op."""
+    return (uapi.UBLK_U_IO_NEED_GET_DATA if commit_op == uapi.UBLK_U_IO_COMMIT_AND_FETCH_REQ
+            else uapi.UBLK_IO_NEED_GET_DATA)
+
+
+class _HandoverEvent(threading.Event):
+    """Queue.handover: setting it also tells the C loop at once, from any thread."""
+
+    def __init__(self, queue: Queue):
+        super().__init__()
+        self._queue = queue
+
+    def set(self) -> None:
+        super().set()
+        loop = self._queue._loop
+        if loop is not None:
+            loop.hand_over()

@@ -8,6 +8,10 @@ then the queued SQEs are submitted to make room.  Completions come back as
 ``(user_data, res)`` pairs, ``res`` being what the kernel put in the CQE
 (negative errno on failure): turning a failed request into an error is the
 caller's business, only failures of the ring calls themselves raise.
+
+``QueueLoop`` is the hot loop of one ublk queue, in C on top of a Ring: it
+serves whole batches of requests without returning to Python (see
+docs/performance.md for why and by how much).
 """
 
 from __future__ import annotations
@@ -122,6 +126,12 @@ class Ring:
         """Raise for a failed prep_*: ValueError once closed, else OSError."""
         self._live()
         _raise(ret, call)
+
+    def register_files(self, fds: list[int]) -> None:
+        """io_uring_register_files: fds[i] becomes fixed file i (for QueueLoop)."""
+        ret = lib.ublkd_register_files(self._live(), fds, len(fds))
+        if ret < 0:
+            _raise(ret, "io_uring_register_files")
 
     def fileno(self) -> int:
         """The ring's own fd (e.g. to poll it or register an eventfd)."""
@@ -259,3 +269,162 @@ class Ring:
                         "the ring has other requests in flight"
                     )
                 return res
+
+
+BACKEND_IO = lib.UBLKD_BACKEND_IO  # user_data bit: a backend completion, not a ublk command
+TAG_MASK = 0xFFFF
+
+
+class QueueLoop:
+    """The serving loop of one ublk queue, in C, on a Ring the caller owns.
+
+    Per batch of completions, with the GIL released: decode each fetched
+    request's descriptor, start it on the backend (or answer it: the null
+    backend, inline file I/O), queue COMMIT_AND_FETCH for each finished one,
+    submit the lot and wait again.  ``serve`` returns to Python only with
+    *events*, ``(user_data, res)`` of what the loop does not handle itself:
+    requests when no fast backend is set (or of an op it does not know),
+    and ublk commands that did not return OK (ABORT, errors).  Python
+    answers a request with ``commit`` or by queuing backend I/O on the ring
+    with user_data ``tag | BACKEND_IO``, whose completion the loop commits.
+
+    ``descriptors`` (the queue's mmap of /dev/ublkcN) and ``buffers`` (depth
+    x buffer_size bytes) stay exported, so not closable, until ``close``.
+    Without ``get_data_op`` tag t owns buffer t.  With it (the device has
+    UBLK_F_NEED_GET_DATA; pass the NEED_GET_DATA opcode) buffers are lent
+    from a pool per request, so only about as many as there are requests in
+    flight are ever touched (resident).
+    """
+
+    def __init__(self, ring: Ring, char_fd: int, q_id: int, depth: int, descriptors: Any,
+                 buffers: Any, buffer_size: int, commit_op: int, get_data_op: int | None = None):
+        self._closed = False
+        self._ring = ring
+        self.depth = depth
+        self._descs = ffi.from_buffer(descriptors)
+        self._bufs = ffi.from_buffer(buffers, require_writable=True)
+        if len(self._descs) < depth * 24 or len(self._bufs) < depth * buffer_size:
+            self.close()
+            raise ValueError("QueueLoop: descriptors or buffers smaller than depth needs")
+        self.buffer_base = int(ffi.cast("uintptr_t", self._bufs))
+        self._started = ffi.new("uint64_t[]", depth)
+        events = 2 * depth  # a tag has at most one ublk command and one backend I/O queued
+        self._ev_ud = ffi.new("uint64_t[]", events)
+        self._ev_res = ffi.new("int32_t[]", events)
+        q = self._q = ffi.new("struct ublkd_queue *")
+        q.ring = ring._live()
+        q.descs = ffi.cast("const uint8_t *", self._descs)
+        q.buf_base = self.buffer_base
+        q.buf_size = buffer_size
+        q.commit_op = commit_op
+        q.char_fd = char_fd
+        q.char_fixed = 0
+        q.backend_kind = lib.UBLKD_KIND_PYTHON
+        q.backend_fd = q.backend_raw_fd = -1
+        q.q_id = q_id
+        q.depth = depth
+        q.started = self._started
+        q.ev_ud = self._ev_ud
+        q.ev_res = self._ev_res
+        q.ev_max = events
+        q.pool = int(get_data_op is not None)
+        q.get_data_op = get_data_op or 0
+        self.pooled = get_data_op is not None
+        self._slots = [ffi.new("int32_t[]", depth) for _ in range(3)]
+        q.slot, q.free_slots, q.released = self._slots
+        lib.ublkd_queue_init_slots(q)
+        self._char_fd = char_fd
+
+    def use_file_backend(self, fd: int, inline: bool = False, fixed_files: bool = True) -> None:
+        """Serve READ/WRITE/FLUSH/DISCARD/WRITE_ZEROES on fd in C.
+
+        ``inline``: pread/pwrite in the queue thread instead of io_uring,
+        for memory-backed files (tmpfs), where io_uring would hand every
+        request to an io-wq worker thread.  ``fixed_files``: register
+        /dev/ublkcN and fd with the ring (saves a file lookup per SQE).
+        """
+        q = self._q
+        q.backend_kind = lib.UBLKD_KIND_FILE
+        q.backend_raw_fd = fd
+        q.backend_inline = int(inline)
+        if fixed_files:
+            self._ring.register_files([self._char_fd, fd])
+            q.char_fd, q.char_fixed = 0, 1
+            q.backend_fd, q.backend_fixed = 1, 1
+        else:
+            q.backend_fd, q.backend_fixed = fd, 0
+
+    def use_null_backend(self) -> None:
+        """Reads return zeros, writes, flushes and discards succeed: all in C."""
+        self._q.backend_kind = lib.UBLKD_KIND_NULL
+
+    def serve(self, timeout: float, budget: float | None = None) -> list[tuple[int, int]]:
+        """Serve until there are events, nothing happened for timeout seconds,
+        or budget seconds (default: timeout) passed; returns the events."""
+        if self._closed:
+            raise ValueError("QueueLoop is closed")
+        budget = timeout if budget is None else budget
+        n = lib.ublkd_queue_serve(self._q, int(timeout * 1e9), int(budget * 1e9))
+        if n < 0:
+            _raise(n, "io_uring_submit_and_wait_timeout (queue loop)")
+        if not n:
+            return []
+        return list(zip(ffi.unpack(self._ev_ud, n), ffi.unpack(self._ev_res, n)))
+
+    def fetch_address(self, tag: int) -> int:
+        """The buffer address FETCH_REQ names for tag: none in pool mode."""
+        return 0 if self.pooled else self.buffer_base + tag * self._q.buf_size
+
+    def buffer(self, tag: int) -> int:
+        """Address of the buffer of the request tag holds (0 if it has none)."""
+        return lib.ublkd_queue_buffer(self._q, tag)
+
+    def commit(self, tag: int, result: int) -> None:
+        """Queue COMMIT_AND_FETCH_REQ for tag with result (bytes done or -errno)."""
+        ret = lib.ublkd_queue_commit(self._q, tag, result)
+        if ret:
+            _raise(ret, "prep_ublk_io (commit)")
+
+    def oldest_started(self) -> float | None:
+        """time.monotonic() at which the oldest request now in the server came in.
+
+        None if there is none.  Safe to call from any thread, even after close.
+        """
+        if self._closed:
+            return None
+        oldest = lib.ublkd_queue_oldest(self._q)
+        return oldest / 1e9 if oldest else None
+
+    def hand_over(self) -> None:
+        """From now on leave new requests fetched and unanswered (the kernel
+        re-issues them to the next server); ``serve`` returns as soon as
+        nothing is left in flight.  Callable from any thread."""
+        self._q.handover = 1
+
+    @property
+    def busy(self) -> int:
+        """Requests now in the server: handed to the backend or to Python, not committed."""
+        return self._q.busy
+
+    @property
+    def stats(self) -> dict[str, int]:
+        """Counters: requests served in C, events handed to Python, ring waits."""
+        q = self._q
+        return {"served": q.nr_io, "events": q.nr_python, "waits": q.nr_waits,
+                "get_data": q.nr_get_data}
+
+    def close(self) -> None:
+        """Release the buffers (they can be closed after this); the ring stays the caller's."""
+        if self._closed:
+            return
+        self._closed = True
+        if hasattr(self, "_q"):
+            self._q.ring = ffi.NULL
+        ffi.release(self._descs)
+        ffi.release(self._bufs)
+
+    def __enter__(self) -> QueueLoop:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()

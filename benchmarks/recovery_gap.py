@@ -1,15 +1,21 @@
 """Recovery gap, measured inside the guest: kill -9 to the first completed I/O after.
 
-    python -m benchmarks.recovery_gap --ublkd PATH --name NAME --device /dev/ublkbN --kills N
+    python -m benchmarks.recovery_gap --ublkd PATH --name NAME --device /dev/ublkbN
+                                      --kills N [--kill worker|main]
 
 Runs in the guest (benchmarks/bench.py starts it): starts `ublkd serve NAME`
 itself, keeps one reader doing 4 KiB O_DIRECT reads on the device, and N
-times: kill -9 the serving process, reap it, start `ublkd serve NAME` again
-(which recovers the QUIESCED device), and take the time from the kill to
-the first read that completes after the old process was reaped, which only
-the new one can have served.  No systemd: the restart is immediate, so the
-gap is the kernel noticing the death plus the new process's start and
-recovery.  Prints one JSON object on stdout.
+times kill -9s
+
+  worker  the worker that serves (its pid from the state file); `ublkd
+          serve`'s first process forks a new one, which recovers the device;
+  main    `ublkd serve` itself (its worker dies with it); this script starts
+          `ublkd serve NAME` again at once, as systemd's Restart= would
+          without its RestartSec= delay: a whole new Python process.
+
+and takes the time from the kill to the first read that completes after
+the killed process is gone, which only its successor can have served.
+Prints one JSON object on stdout.
 """
 
 from __future__ import annotations
@@ -81,6 +87,16 @@ def serve(ublkd: str, name: str, log_path: str) -> subprocess.Popen:
                             start_new_session=True, close_fds=True)
 
 
+def serving_pid(state_dir: str, name: str) -> int:
+    with open(os.path.join(state_dir, f"{name}.json")) as state:
+        return json.load(state)["pid"]
+
+
+def wait_gone(pid: int) -> None:
+    while os.path.exists(f"/proc/{pid}"):
+        time.sleep(0.001)
+
+
 def wait_readable(device: str, process: subprocess.Popen, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     buffer = mmap.mmap(-1, BLOCK)
@@ -109,6 +125,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--name", required=True)
     parser.add_argument("--device", required=True)
     parser.add_argument("--kills", type=int, default=20)
+    parser.add_argument("--kill", choices=("worker", "main"), default="worker")
+    parser.add_argument("--state-dir", default="/var/lib/ublkd")
     parser.add_argument("--settle", type=float, default=1.0,
                         help="seconds of I/O between a recovery and the next kill")
     parser.add_argument("--timeout", type=float, default=120.0)
@@ -128,11 +146,18 @@ def main(argv: list[str] | None = None) -> int:
             if reader.completed_after(time.monotonic() - args.settle, 0) is None:
                 failure = "no I/O completed before the kill"
                 break
-            killed = time.monotonic()
-            os.kill(process.pid, signal.SIGKILL)
-            process.wait()
-            dead = time.monotonic()
-            process = serve(args.ublkd, args.name, args.log)
+            if args.kill == "worker":
+                worker = serving_pid(args.state_dir, args.name)
+                killed = time.monotonic()
+                os.kill(worker, signal.SIGKILL)
+                wait_gone(worker)
+                dead = time.monotonic()
+            else:
+                killed = time.monotonic()
+                os.kill(process.pid, signal.SIGKILL)
+                process.wait()
+                dead = time.monotonic()
+                process = serve(args.ublkd, args.name, args.log)
             first = reader.completed_after(dead, args.timeout)
             if first is None:
                 failure = (f"no I/O completed within {args.timeout} s of the kill "
@@ -154,6 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     with open(args.log, errors="replace") as log:
         recover = [float(m) for m in re.findall(r"recovered /dev/ublkb\d+ in ([0-9.]+) s", log.read())]
     result = {
+        "kill": args.kill,
         "kills": len(gaps),
         "daemon_recover_s": recover[-len(gaps):] if gaps else [],
         "gaps_s": [round(g, 4) for g in gaps],

@@ -25,8 +25,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.guest.serving import CHECKOUT, STATE_DIR, devnum, kill_and_wait_live, \
-    run_in_background, show
+from tests.guest.serving import CHECKOUT, STATE_DIR, JournalSince, devnum, \
+    kill_and_wait_live, run_in_background, show
 from tests.testbed import Guest, GuestConfig, KernelBuild
 
 UBLKD = "/usr/bin/ublkd"
@@ -244,18 +244,14 @@ def test_installed_package_serves_and_survives_kill_9(package, report):
     guest.run(f"umount {MNT} && e2fsck -fn {dev}")
 
 
-def journal_cursor(guest: Guest) -> str:
-    out = guest.run("journalctl -n 0 --show-cursor -q").stdout
-    return out.split("cursor: ", 1)[1].strip()
-
-
 def test_upgrade_under_fio_hands_the_device_over_to_the_new_version(package, debs, report):
     guest = package
     if package_status(guest) != ("installed", code_version()):
         dpkg_install(guest, debs["base"])
     new_version = next_version(code_version())
-    cursor = journal_cursor(guest)
+    since = JournalSince(guest)
     before = start_vol0(guest)
+    main_before = show(guest, "ublkd@vol0", "MainPID")["MainPID"]
     dev = before["device"]
     number = devnum(guest, dev)
     mount_with_data(guest, dev)
@@ -288,9 +284,9 @@ def test_upgrade_under_fio_hands_the_device_over_to_the_new_version(package, deb
     # Handed over (SIGUSR2) and recovered by the new process, never stopped
     # (SIGTERM deletes the device) nor created anew.
     assert after["generation"] == before["generation"] + 1
-    assert show(guest, "ublkd@vol0", "ActiveState", "MainPID") == \
-        {"ActiveState": "active", "MainPID": str(after["pid"])}
-    journal = guest.journal(f"--after-cursor={cursor}", "-u", "ublkd@vol0")
+    unit = show(guest, "ublkd@vol0", "ActiveState", "MainPID")
+    assert unit["ActiveState"] == "active" and unit["MainPID"] != main_before, unit
+    journal = since.of("ublkd@vol0")
     assert "SIGUSR2 received" in journal and "SIGTERM received" not in journal, journal
     assert journal.count(f"vol0: created {dev}") == 1, journal
     assert f"vol0: recovered {dev}" in journal, journal
