@@ -1,7 +1,7 @@
 # Sourced by packaging/build-deb and packaging/build-rpm, from the top of the
 # checkout: which files make up ublkd's source package.
 
-SOURCES="README.md pyproject.toml setup.py ublkd units conf docs packaging"
+SOURCES="LICENSE README.md pyproject.toml setup.py ublkd units conf docs packaging"
 
 # Every file of SOURCES that git tracks or would track (no build output,
 # no compiled extension of an editable install), sorted, one per line.

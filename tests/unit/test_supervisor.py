@@ -51,6 +51,14 @@ def counting_worker(tmp_path: Path, behaviour):
     return work, starts
 
 
+def wait_for(path: Path) -> str:
+    """The text a forked process wrote to path, once it is there."""
+    deadline = time.monotonic() + 10
+    while not (path.exists() and path.read_text()) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return path.read_text()
+
+
 def test_worker_exit_status_is_the_supervisors(tmp_path):
     work, starts = counting_worker(tmp_path, lambda n: 6)
     code, lines = run_supervisor(tmp_path, work)
@@ -99,10 +107,7 @@ def test_signals_reach_the_worker_and_it_is_not_replaced(tmp_path, signum, expec
     pid = os.fork()
     if pid == 0:
         os._exit(Supervisor("vol0", work, lambda text: None).run())
-    deadline = time.monotonic() + 10
-    while not ready.exists() and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert int(ready.read_text()) == pid
+    assert int(wait_for(ready)) == pid
     os.kill(pid, signum)
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == expected
@@ -119,10 +124,7 @@ def test_the_worker_dies_with_its_parent(tmp_path):
     pid = os.fork()
     if pid == 0:
         os._exit(Supervisor("vol0", work, lambda text: None).run())
-    deadline = time.monotonic() + 10
-    while not worker_pid.exists() and time.monotonic() < deadline:
-        time.sleep(0.01)
-    worker = int(worker_pid.read_text())
+    worker = int(wait_for(worker_pid))
     os.kill(pid, signal.SIGKILL)
     os.waitpid(pid, 0)
     deadline = time.monotonic() + 10
