@@ -255,7 +255,7 @@ def test_abort_mode_fails_only_in_flight_writes_and_keeps_acknowledged_ones(syst
                f"{status['device']} {threads} 4096 /tmp/stop")
     for _ in range(kills):
         guest.run("sleep 2")
-        kill_and_wait_live(guest, "vol0")
+        kill_worker_and_time_first_read(guest, "vol0", status["device"])
     guest.run("sleep 2; touch /tmp/stop")
     writer.join(600)
     assert box[0].rc == 0, box[0].describe()
