@@ -256,7 +256,7 @@ def bench_recovery(guest: Guest, backing: str, kills: int, kill: str) -> dict:
         [str(CHECKOUT / ".venv" / "bin" / "python"), "-m", "benchmarks.recovery_gap",
          "--ublkd", UBLKD, "--name", "benchrec", "--device", f"/dev/ublkb{DEV_ID}",
          "--kills", str(kills), "--kill", kill, "--log", f"/var/tmp/recovery-gap-{kill}.log"],
-        cwd=str(CHECKOUT), check=False, timeout=kills * 200 + 300,
+        cwd=str(CHECKOUT), check=False, timeout=kills * 30 + 300,
     )
     try:
         gap = json.loads(result.stdout.strip().splitlines()[-1])
