@@ -16,8 +16,8 @@ from ublkd.config import format_size, load_config, validate_name
 from ublkd.errors import EXIT_INTERNAL, DeviceBusyError, DeviceNotFoundError, UblkdError
 from ublkd.kernel import uapi
 from ublkd.kernel.control import ControlDevice, DeviceInfo
-from ublkd.supervisor import Supervisor
 from ublkd.state import DeviceState, list_states, load_state, remove_state
+from ublkd.supervisor import Supervisor
 from ublkd.systemd import setup_logging
 
 log = logging.getLogger(__name__)
@@ -175,7 +175,6 @@ def exit_code_of(func: Callable[..., int | None], *args) -> int:
 # -- commands ------------------------------------------------------------------
 def cmd_serve(args: argparse.Namespace) -> int:
     config = load_config(validate_name(args.name))
-    daemon.require_root()
     notifier = systemd.Notifier()
     return Supervisor(config.name, lambda: exit_code_of(daemon.serve, config, notifier),
                       notifier.status).run()
