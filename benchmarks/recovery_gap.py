@@ -8,7 +8,10 @@ itself, keeps one reader doing 4 KiB O_DIRECT reads on the device, and N
 times kill -9s
 
   worker  the worker that serves (its pid from the state file); `ublkd
-          serve`'s first process forks a new one, which recovers the device;
+          serve`'s first process forks a new one, which recovers the device.
+          It does that at most RESPAWN_BURST times per RESPAWN_WINDOW (then
+          it leaves the device to systemd), so after every RESPAWN_BURST
+          kills the script waits for the window to pass;
   main    `ublkd serve` itself (its worker dies with it); this script starts
           `ublkd serve NAME` again at once, as systemd's Restart= would
           without its RestartSec= delay: a whole new Python process.
@@ -32,6 +35,9 @@ import subprocess
 import sys
 import threading
 import time
+from collections import deque
+
+from ublkd.supervisor import RESPAWN_BURST, RESPAWN_WINDOW
 
 BLOCK = 4096
 
@@ -97,6 +103,23 @@ def wait_gone(pid: int) -> None:
         time.sleep(0.001)
 
 
+def wait_for_respawn_budget(kills: deque[float]) -> None:
+    """Keep the worker kills within the supervisor's limit: one more would make
+    `ublkd serve` give the device up, and the gap measured would be ours."""
+    if len(kills) < RESPAWN_BURST:
+        return
+    oldest = kills[-RESPAWN_BURST]
+    time.sleep(max(0.0, oldest + RESPAWN_WINDOW + 1.0 - time.monotonic()))
+
+
+def delete_device(ublkd: str, name: str, reader: Reader) -> None:
+    """After a failure with no server left: delete the quiesced device, which
+    fails the read the reader is stuck in (the process could not even exit)."""
+    deleting = subprocess.Popen([ublkd, "delete", name])
+    reader.stop()  # closes /dev/ublkbN, which DEL_DEV waits for
+    deleting.wait(120)
+
+
 def wait_readable(device: str, process: subprocess.Popen, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     buffer = mmap.mmap(-1, BLOCK)
@@ -139,6 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     reader.start()
     gaps: list[float] = []
     reaped: list[float] = []
+    worker_kills: deque[float] = deque()
     failure = None
     try:
         for _ in range(args.kills):
@@ -147,11 +171,13 @@ def main(argv: list[str] | None = None) -> int:
                 failure = "no I/O completed before the kill"
                 break
             if args.kill == "worker":
+                wait_for_respawn_budget(worker_kills)
                 worker = serving_pid(args.state_dir, args.name)
                 killed = time.monotonic()
                 os.kill(worker, signal.SIGKILL)
                 wait_gone(worker)
                 dead = time.monotonic()
+                worker_kills.append(dead)
             else:
                 killed = time.monotonic()
                 os.kill(process.pid, signal.SIGKILL)
@@ -167,13 +193,16 @@ def main(argv: list[str] | None = None) -> int:
             gaps.append(first - killed)
             reaped.append(dead - killed)
     finally:
-        reader.stop()  # first: an open /dev/ublkbN would hold up the daemon's DEL_DEV
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(args.timeout)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        if process.poll() is not None:
+            delete_device(args.ublkd, args.name, reader)
+        else:
+            reader.stop()  # first: an open /dev/ublkbN would hold up the daemon's DEL_DEV
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(args.timeout)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
     # The daemon times its own recovery (START_USER_RECOVERY .. END); the rest
     # of a gap is the kernel noticing the death and the new process starting.
     with open(args.log, errors="replace") as log:
