@@ -311,12 +311,12 @@ def summary(run: Run) -> str:
         peak = rss["peak_rss_mib"]
         if "main_worker_pss_mib" in rss:  # the memory both processes of the daemon take
             judged = rss["main_worker_pss_mib"]
-            what = (f"main + worker {judged:.1f} MiB (PSS: their shared pages counted once; "
-                    f"worker peak RSS {peak:.1f} MiB, main process RSS "
-                    f"{rss['main_rss_mib']:.1f} MiB)")
+            measured = (f"main + worker {judged:.1f} MiB (PSS: their shared pages counted "
+                        f"once; worker peak RSS {peak:.1f} MiB, main process RSS "
+                        f"{rss['main_rss_mib']:.1f} MiB)")
         else:
-            judged, what = peak, f"worker peak RSS {peak:.1f} MiB"
-        lines.append(f"goal memory {target} (2 queues x depth 128): {what} (goal < 40): "
+            judged, measured = peak, f"worker peak RSS {peak:.1f} MiB"
+        lines.append(f"goal memory {target} (2 queues x depth 128): {measured} (goal < 40): "
                      f"{'met' if judged < 40 else 'NOT met'}")
     what = {"worker": "worker killed, the main process forks a new one",
             "main": "`ublkd serve` killed and started again"}
