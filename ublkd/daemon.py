@@ -30,8 +30,8 @@ import errno
 import faulthandler
 import logging
 import os
+import select
 import signal
-import threading
 import time
 from datetime import datetime, timezone
 
@@ -85,6 +85,42 @@ def now() -> str:
     return datetime.now(timezone.utc).isoformat()
 
 
+class StopRequests:
+    """SIGTERM, SIGINT and SIGUSR2 as the serving loop sees them.
+
+    A Python signal handler runs in the main thread between two bytecodes,
+    possibly while that thread holds the lock inside threading.Event.wait;
+    a handler that called Event.set() then waited for that lock forever.
+    Seen in the guest: a stop hung until systemd's 90 s timeout when the
+    unit's SIGTERM and the one the supervisor forwards arrived 7 ms apart.
+    So the handler takes no lock: it records the signal and writes a byte
+    to a pipe, which the loop waits on.
+    """
+
+    def __init__(self) -> None:
+        self.signals: list[int] = []
+        self.read_fd, self.write_fd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+
+    def record(self, signum: int, _frame) -> None:
+        """The signal handler."""
+        self.signals.append(signum)
+        with contextlib.suppress(BlockingIOError):  # a full pipe wakes the loop as well
+            os.write(self.write_fd, b"\0")
+
+    def wait(self, timeout: float) -> bool:
+        """True once a stop was asked for, else after `timeout` seconds."""
+        if not self.signals:
+            select.select([self.read_fd], [], [], timeout)
+        return bool(self.signals)
+
+    @property
+    def hand_over(self) -> bool:
+        return signal.SIGUSR2 in self.signals
+
+    def names(self) -> str:
+        return ", ".join(signal.Signals(signum).name for signum in dict.fromkeys(self.signals))
+
+
 class Device:
     """One served ublk device; `run()` returns after a clean stop."""
 
@@ -93,8 +129,7 @@ class Device:
         self.control = control
         self.notifier = notifier
         self.name = config.name
-        self.stop_requested = threading.Event()
-        self.handover_requested = threading.Event()
+        self.stop = StopRequests()
         self.queues: list[Queue] = []
         self.info: DeviceInfo | None = None
         self.state: DeviceState | None = None
@@ -108,7 +143,7 @@ class Device:
             self.create_and_serve(previous)
         else:
             self.recover_and_serve(previous, existing)
-        return EXIT_HANDED_OVER if self.handover_requested.is_set() else 0
+        return EXIT_HANDED_OVER if self.stop.hand_over else 0
 
     def existing_device(self, previous: DeviceState | None) -> DeviceInfo | None:
         """The kernel's device named by our state file, if there is one to recover."""
@@ -349,14 +384,15 @@ class Device:
         self.notifier.ready(self.status_line("LIVE"))
         backing = str(self.config.path) if self.config.path else None
         self.notifier.ensure_stop_order(self.name, self.info.dev_id, backing)
-        while not self.stop_requested.wait(self.notifier.tick):
+        while not self.stop.wait(self.notifier.tick):
             problem = self.health_problem()
             if problem is None:
                 self.notifier.watchdog()
             else:
                 log.error("%s: %s; not pinging the watchdog", self.name, problem)
                 self.notifier.status(self.status_line(f"unhealthy: {problem}"))
-        if self.handover_requested.is_set():
+        log.info("%s: %s received", self.name, self.stop.names())
+        if self.stop.hand_over:
             self.notifier.status(self.status_line("handing over"))
             return
         self.notifier.stopping(self.status_line("stopping"))
@@ -373,7 +409,7 @@ class Device:
         process must exit right after (the worker's os._exit): its exit
         closes every queue's ring at once (Queue._stay_until_process_exit).
         """
-        if not self.handover_requested.is_set():
+        if not self.stop.hand_over:
             return
         undo.pop_all()
         for queue in self.queues:
@@ -423,12 +459,6 @@ class Device:
         with contextlib.suppress(DeviceNotFoundError):
             self.control.delete_device(self.info.dev_id)
 
-    def request_stop(self, signum: int, _frame) -> None:
-        log.info("%s: %s received", self.name, signal.Signals(signum).name)
-        if signum == signal.SIGUSR2:
-            self.handover_requested.set()
-        self.stop_requested.set()
-
 
 def serve(config: DeviceConfig, notifier: Notifier) -> int:
     """Create or recover the device `config` describes; serve it until SIGTERM/SIGINT
@@ -438,7 +468,7 @@ def serve(config: DeviceConfig, notifier: Notifier) -> int:
     with contextlib.closing(ControlDevice()) as control:
         device = Device(config, control, notifier)
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR2):
-            signal.signal(signum, device.request_stop)
+            signal.signal(signum, device.stop.record)
         return device.run()
 
 
