@@ -166,6 +166,7 @@ class Guest:
         cmdline = [
             "console=ttyS0",
             "panic=-1",
+            "maxcpus=1",  # init.sh brings the other vCPUs online; why: docs/testbed.md
             f"testbed.modules={self.kernel.modules}",
             "systemd.unit=ublkd-testbed.target",
             "modules-load=ublk_drv",

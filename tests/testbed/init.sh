@@ -5,6 +5,13 @@
 # Kernel command line parameters read here:
 #   testbed.modules=DIR   the unpacked kernel's module tree, a path on the
 #                         host root; bind-mounted at /lib/modules/$(uname -r)
+#
+# The kernel boots with maxcpus=1 (guest.py); the other vCPUs are brought
+# online here, once the kernel's late initcalls are done.  Among those,
+# sched_clock marks itself stable by patching its jump label; with a second
+# vCPU running, qemu's multi-threaded TCG now and then let that CPU execute
+# the half-patched int3 and the kernel panicked at boot ("Oops: int3" in
+# sched_clock_cpu, docs/testbed.md).
 /bin/busybox --install -s /bin
 export PATH=/bin
 
@@ -18,6 +25,10 @@ fail() {
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
+
+for online in /sys/devices/system/cpu/cpu*/online; do
+    [ "$(cat "$online")" = 1 ] || echo 1 > "$online" || fail "cannot online ${online%/online}"
+done
 
 modules_dir=
 for arg in $(cat /proc/cmdline); do
