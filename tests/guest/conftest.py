@@ -6,6 +6,7 @@ the guest's console log and journal appended to its report.
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import time
@@ -19,15 +20,22 @@ from tests.testbed import Guest, GuestConfig, KernelBuild, prepare
 CHECKOUT = Path(__file__).resolve().parents[2]
 LOG_ROOT = CHECKOUT / "build" / "testbed"
 KEEP_RUNS = 5
+IN_USE_SECONDS = 3 * 3600
 REPORT: list[str] = []  # measurements shown in the terminal summary (boot times, ...)
 
 
 def new_run_dir() -> Path:
-    """A log directory for this run; only the newest KEEP_RUNS are kept."""
+    """A log directory for this run; only the newest KEEP_RUNS are kept.
+
+    A directory younger than IN_USE_SECONDS is never removed: another pytest
+    run on the same checkout (a developer's, or make check-fresh's) may be
+    writing its guest's disk and logs there.
+    """
     LOG_ROOT.mkdir(parents=True, exist_ok=True)
     for old in sorted(LOG_ROOT.glob("run-*"))[:-(KEEP_RUNS - 1)]:
-        shutil.rmtree(old, ignore_errors=True)
-    run_dir = LOG_ROOT / time.strftime("run-%Y%m%d-%H%M%S")
+        if time.time() - old.stat().st_mtime > IN_USE_SECONDS:
+            shutil.rmtree(old, ignore_errors=True)
+    run_dir = LOG_ROOT / time.strftime(f"run-%Y%m%d-%H%M%S-{os.getpid()}")
     run_dir.mkdir()
     return run_dir
 

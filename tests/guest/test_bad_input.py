@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.guest.serving import UBLKD, ServedDevice, leftovers, ublkd, write_config
+from tests.guest.serving import CHECKOUT, ServedDevice, leftovers, ublkd, write_config
 
 
 def serve_fails(guest, name: str, exit_code: int, *needles: str) -> str:
@@ -76,7 +76,14 @@ def test_driver_not_loaded_says_modprobe(clean_guest):
 def test_not_root_is_refused(clean_guest):
     guest = clean_guest
     write_config(guest, "vol0", 'backend = "null"\nsize = "64MiB"\n')
+    # The checkout may live under a directory only root can enter (mktemp -d
+    # makes 0700 ones), so nobody runs a world-readable copy of the package:
+    # what is tested is ublkd's own check, not the checkout's permissions.
+    copy = "/tmp/ublkd-as-nobody"
+    guest.run(f"rm -rf {copy} && mkdir -p {copy} && cp -a {CHECKOUT}/ublkd {copy}/ "
+              f"&& chmod -R a+rX {copy}")
     result = guest.run(["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups",
-                        UBLKD, "serve", "vol0"], check=False)
+                        "env", f"PYTHONPATH={copy}", "/usr/bin/python3", "-m", "ublkd",
+                        "serve", "vol0"], check=False)
     assert result.rc == 3 and "root" in result.stderr, result.describe()
     assert leftovers(guest) == ""

@@ -181,8 +181,10 @@ def initramfs_inputs() -> list[Path]:
 
 
 def initramfs_key(version: str) -> str:
+    # The busybox binary is an input too, but it may not be installed yet
+    # (a fresh machine, before provisioning): its path, if any, stands for it.
     digest = hashlib.sha256(version.encode())
-    digest.update(shutil.which("busybox").encode())
+    digest.update((shutil.which("busybox") or "busybox not installed").encode())
     digest.update(" ".join(MASKED_UNITS).encode())
     for path in initramfs_inputs():
         digest.update(path.name.encode())
