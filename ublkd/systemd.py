@@ -13,10 +13,11 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import ModuleType
 
 import sdnotify
 
-from ublkd.errors import DeviceNotFoundError, KernelError
+from ublkd.errors import DeviceNotFoundError, KernelError, MissingDependencyError
 
 log = logging.getLogger(__name__)
 
@@ -157,11 +158,27 @@ class Notifier:
                         result.stderr.strip())
 
 
+def systemd1(unit: str) -> ModuleType:
+    """pystemd's systemd1 module, for `unit`'s hand-over.
+
+    Imported here, not at the top: pystemd is an optional dependency (the
+    extra "systemd" of a pip install), needed by `ublkd upgrade` only, and
+    serving must not pay for importing it.
+    """
+    try:
+        from pystemd import systemd1
+    except ImportError:
+        raise MissingDependencyError(
+            f"{unit}: the hand-over talks to systemd through pystemd, which is not "
+            f"installed: install the Debian package python3-pystemd, or `pip install "
+            f"'ublkd[systemd]'`"
+        ) from None
+    return systemd1
+
+
 def unit_state(unit: str) -> tuple[str, str, int]:
     """(ActiveState, SubState, MainPID) of `unit`, asked over D-Bus (pystemd)."""
-    from pystemd.systemd1 import Unit
-
-    with Unit(unit.encode(), _autoload=True) as handle:
+    with systemd1(unit).Unit(unit.encode(), _autoload=True) as handle:
         return (handle.Unit.ActiveState.decode(), handle.Unit.SubState.decode(),
                 int(handle.Service.MainPID))
 
@@ -173,12 +190,10 @@ def hand_over(unit: str, timeout: float = 120.0) -> None:
     unit restarts it from the binary installed now, which recovers the
     device.
     """
-    from pystemd.systemd1 import Manager
-
     active, _, old = unit_state(unit)
     if active != "active" or old <= 0:
         raise DeviceNotFoundError(f"{unit} is not running ({active}); nothing to hand over")
-    with Manager() as manager:
+    with systemd1(unit).Manager() as manager:
         manager.Manager.KillUnit(unit.encode(), b"main", signal.SIGUSR2)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
