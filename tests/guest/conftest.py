@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.guest.serving import STATE_DIR, leftovers
+from tests.guest.serving import STATE_DIR, JournalSince, leftovers
 from tests.testbed import Guest, GuestConfig, KernelBuild, prepare
 
 CHECKOUT = Path(__file__).resolve().parents[2]
@@ -75,6 +75,33 @@ def clean_guest(guest):
     guest.run(f"pkill -TERM -f '[u]blkd serve' ; sleep 1; rm -f /var/tmp/*.img /etc/ublkd/*.toml; "
               f"rm -rf {STATE_DIR}; true")
     assert remaining == "", f"left behind: {remaining}"
+
+
+@pytest.fixture(scope="session")
+def units_installed(guest):
+    """The checkout's units in the session guest, running its .venv's ublkd."""
+    guest.run(f"make -s -C {CHECKOUT} install-units")
+    return guest
+
+
+@pytest.fixture
+def systemd_guest(units_installed):
+    """The session guest for a test of ublkd@: stops every unit afterwards, and
+    fails the test if a device or state file survived the stop."""
+    guest = units_installed
+    yield guest
+    guest.run("umount -q /mnt/vol0 2>/dev/null; systemctl stop 'ublkd@*' 'ublkd-giveup@*' "
+              "'ublkd-recover@*'; systemctl reset-failed 'ublkd*'; true", timeout=300)
+    leftover = guest.run(f"find /sys/class/ublk-char/ {STATE_DIR} -mindepth 1 2>/dev/null; "
+                         f"true").stdout.strip()
+    guest.run(f"rm -f /var/tmp/*.img* /etc/ublkd/*.toml; rm -rf {STATE_DIR}")
+    assert leftover == "", f"left behind after stop: {leftover}"
+
+
+@pytest.fixture
+def journal(systemd_guest) -> JournalSince:
+    """The guest's journal from the start of the test on."""
+    return JournalSince(systemd_guest)
 
 
 @pytest.fixture

@@ -13,36 +13,13 @@ import re
 
 import pytest
 
-from tests.guest.serving import (CHECKOUT, STATE_DIR, JournalSince, ServedDevice, devnum,
+from tests.guest.serving import (CHECKOUT, STATE_DIR, ServedDevice, devnum,
                                  fio_jobs, kill_and_wait_live, kill_worker_and_time_first_read,
                                  run_in_background, show, start, ublkd, wait_in_guest,
                                  write_config)
 
 BACKING = "/var/tmp/vol0.img"
 MNT = "/mnt/vol0"
-
-
-@pytest.fixture(scope="session")
-def units_installed(guest):
-    guest.run(f"make -s -C {CHECKOUT} install-units")
-    return guest
-
-
-@pytest.fixture
-def systemd_guest(units_installed):
-    guest = units_installed
-    yield guest
-    guest.run(f"umount -q {MNT} 2>/dev/null; systemctl stop 'ublkd@*' 'ublkd-giveup@*' "
-              f"'ublkd-recover@*'; systemctl reset-failed 'ublkd*'; true", timeout=300)
-    leftover = guest.run(f"find /sys/class/ublk-char/ {STATE_DIR} -mindepth 1 2>/dev/null; "
-                         f"true").stdout.strip()
-    guest.run(f"rm -f /var/tmp/*.img* /etc/ublkd/*.toml; rm -rf {STATE_DIR}")
-    assert leftover == "", f"left behind after stop: {leftover}"
-
-
-@pytest.fixture
-def journal(systemd_guest) -> JournalSince:
-    return JournalSince(systemd_guest)
 
 
 def test_units_verify_clean(units_installed):
