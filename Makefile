@@ -2,7 +2,7 @@
 # README and of CI; `make demo` is the README's demo.
 PYTHON := .venv/bin/python
 
-.PHONY: check demo bootstrap unit-test guest-shell bench install-units clean
+.PHONY: check demo check-fresh bootstrap unit-test guest-shell bench install-units clean
 
 check: bootstrap
 	$(PYTHON) -m pytest
@@ -10,6 +10,11 @@ check: bootstrap
 # The demo: a device outlives kills of its daemon (tests/testbed/demo.py).
 demo: bootstrap
 	$(PYTHON) -m tests.testbed demo
+
+# `make check` and `make demo` on a new Debian 12 root (debootstrap, chroot)
+# with a clone of the committed HEAD: proves the install steps are complete.
+check-fresh:
+	./scripts/check-fresh
 
 bootstrap:
 	./scripts/bootstrap

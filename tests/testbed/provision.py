@@ -22,8 +22,15 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 
 # Tools the harness and the guest tests run.  The guest sees the host's root
-# file system, so installing them here installs them there too.
+# file system, so installing them here installs them there too.  That
+# includes the guest's init and its bus (systemd, dbus) and what the tests
+# call in the guest (ps/pkill, dmsetup): the workplace images happen to have
+# those, a plain Debian 12 does not (make check-fresh, docs/testbed.md).
 HOST_PACKAGES = (
+    "systemd",
+    "dbus",
+    "procps",
+    "dmsetup",
     "qemu-system-x86",
     "busybox-static",
     "kmod",
