@@ -1,7 +1,10 @@
 """fio in the guest: ublkd against the kernel's own drivers, in one run.
 
     .venv/bin/python -m benchmarks.bench [--quick] [--runtime S] [--backings disk,tmpfs]
-                                         [--kills N] [--json FILE]
+                                         [--kills N] [--kill-kinds worker,main,unit]
+                                         [--json FILE]
+    .venv/bin/python -m benchmarks.bench --targets none --backings disk --kill-kinds unit
+                                         (the whole-unit recovery gap alone)
 
 Jobs (fio, io_uring engine, O_DIRECT, one job): 4k randread and randwrite
 at iodepth 1, 32 and 128; 128k sequential read and write at iodepth 32.
@@ -21,8 +24,9 @@ all threads, from /proc/PID/stat) per I/O the device completed (from
 
 Recovery gap: with the file backend, N times kill -9 the worker that serves
 (the main process forks a new one), then N times kill -9 `ublkd serve` itself
-and start it again (no systemd), and time each kill to the first completed
-read after it (benchmarks/recovery_gap.py, in the guest).
+and start it again (no systemd), then N times kill the whole unit ublkd@NAME
+(`systemctl kill -s KILL`; systemd restarts it), and time each kill to the
+first completed read after it (benchmarks/recovery_gap.py, in the guest).
 
 Times in the guest are emulated (TCG): only ratios within one run mean
 anything, which is why every number is printed next to its reference.
@@ -74,6 +78,9 @@ JOBS = [
     Job("128k read qd32", "read", "128k", 32),
     Job("128k write qd32", "write", "128k", 32),
 ]
+
+TARGETS = ("ublkd-file", "loop", "file", "ublkd-null", "null_blk")
+KILL_KINDS = ("worker", "main", "unit")  # benchmarks/recovery_gap.py --kill
 
 # target -> the one its ratio is taken against
 REFERENCE = {"ublkd-file": "loop", "ublkd-null": "null_blk"}
@@ -259,6 +266,8 @@ def bench_recovery(guest: Guest, backing: str, kills: int, kill: str) -> dict:
     path = BACKINGS[backing]
     write_config(guest, "benchrec", f'backend = "file"\npath = "{path}"\nqueues = {QUEUES}\n'
                                     f'queue_depth = {DEPTH}\nid = {DEV_ID}\n')
+    if kill == "unit":
+        guest.run(f"make -s -C {CHECKOUT} install-units")
     result = guest.run(
         [str(CHECKOUT / ".venv" / "bin" / "python"), "-m", "benchmarks.recovery_gap",
          "--ublkd", UBLKD, "--name", "benchrec", "--device", f"/dev/ublkb{DEV_ID}",
@@ -319,7 +328,8 @@ def summary(run: Run) -> str:
         lines.append(f"goal memory {target} (2 queues x depth 128): {measured} (goal < 40): "
                      f"{'met' if judged < 40 else 'NOT met'}")
     what = {"worker": "worker killed, the main process forks a new one",
-            "main": "`ublkd serve` killed and started again"}
+            "main": "`ublkd serve` killed and started again",
+            "unit": "whole unit killed (`systemctl kill -s KILL`), systemd restarts it"}
     for kill, gap in run.recovery.items():
         if gap.get("median_s") is not None:
             lines.append(f"recovery gap, {what[kill]}, over {gap['kills']} kills "
@@ -327,6 +337,9 @@ def summary(run: Run) -> str:
                          f"{gap['median_s']:.2f} s, max {gap['max_s']:.2f} s (goal median < 2): "
                          f"{'met' if gap['median_s'] < 2 else 'NOT met'}; read errors: "
                          f"{len(gap['read_errors'])}")
+        if gap.get("active_s"):
+            lines.append(f"  kill to the unit active again with a new main process: median "
+                         f"{statistics.median(gap['active_s']):.2f} s")
         if gap.get("daemon_recover_s"):
             lines.append(f"  of which the new worker's own recovery steps (START_USER_RECOVERY "
                          f"to END_USER_RECOVERY): median "
@@ -346,11 +359,15 @@ def parse_args(argv: list[str] | None):
     parser.add_argument("--ramp", type=int, help="fio ramp_time before measuring (default 2)")
     parser.add_argument("--backings", help="comma-separated: disk, tmpfs, overlay "
                                            "(default disk,tmpfs)")
-    parser.add_argument("--targets", default="ublkd-file,loop,file,ublkd-null,null_blk",
-                        help="comma-separated subset of the targets")
+    parser.add_argument("--targets", default=",".join(TARGETS),
+                        help="comma-separated subset of the targets, or none (only the "
+                             "recovery gap)")
     parser.add_argument("--jobs", help="comma-separated job names to keep, "
                                        "e.g. '4k randread qd32,4k randread qd1'")
     parser.add_argument("--kills", type=int, help="recovery gap: kills (default 20, 0 skips)")
+    parser.add_argument("--kill-kinds", default=",".join(KILL_KINDS),
+                        help="recovery gap: what is killed, comma-separated: worker, main, "
+                             "unit (default all)")
     parser.add_argument("--json", type=Path, default=CHECKOUT / "build" / "bench.json")
     args = parser.parse_args(argv)
     args.runtime = args.runtime or (2 if args.quick else 10)
@@ -359,7 +376,14 @@ def parse_args(argv: list[str] | None):
     unknown = set(args.backings) - set(BACKINGS)
     if unknown:
         parser.error(f"unknown backing {', '.join(sorted(unknown))}; known: {', '.join(BACKINGS)}")
-    args.targets = args.targets.split(",")
+    args.targets = [] if args.targets == "none" else args.targets.split(",")
+    args.kill_kinds = args.kill_kinds.split(",")
+    for given, known, what in ((args.targets, TARGETS, "target"),
+                               (args.kill_kinds, KILL_KINDS, "kill kind")):
+        unknown = set(given) - set(known)
+        if unknown:
+            parser.error(f"unknown {what} {', '.join(sorted(unknown))}; known: "
+                         f"{', '.join(known)}")
     args.kills = args.kills if args.kills is not None else (5 if args.quick else 20)
     wanted = args.jobs.split(",") if args.jobs else [job.name for job in JOBS]
     unknown = set(wanted) - {job.name for job in JOBS}
@@ -385,8 +409,8 @@ def main(argv: list[str] | None = None) -> int:
         for backing in args.backings:
             bench_file(guest, backing, args, run)
         bench_null(guest, args, run)
-        for kill in ("worker", "main") if args.kills else ():
-            print(f"  recovery gap: {args.kills} kills of the {kill} process ...",
+        for kill in args.kill_kinds if args.kills else ():
+            print(f"  recovery gap: {args.kills} kills ({kill}) ...",
                   file=sys.stderr, flush=True)
             run.recovery[kill] = bench_recovery(guest, args.backings[0], args.kills, kill)
     finally:
