@@ -21,12 +21,16 @@ class FastPath:
 
     kind "file": READ/WRITE/FLUSH/DISCARD/WRITE_ZEROES on `fd`, exactly as
     FileBackend.submit would (io_uring, or pread/pwrite in the queue thread
-    when `inline`); kind "null": what NullBackend.submit answers.
+    when `inline`; DISCARD and WRITE_ZEROES with the fallocate modes the
+    file takes, see backends/file.py); kind "null": what NullBackend.submit
+    answers.
     """
 
     kind: str  # "file" or "null"
     fd: int = -1
     inline: bool = False
+    punch_hole: bool = False  # file: DISCARD punches a hole; else it does nothing
+    zero_range: bool = False  # file: WRITE_ZEROES zeroes the range; else it goes to `submit`
 
 
 @dataclass(frozen=True)
@@ -43,7 +47,9 @@ class Backend(ABC):
     """The per-device storage; one instance serves every queue."""
 
     size: int  # bytes the device exposes
+    # What the device advertises when it is created (Device.params_for).
     supports_discard: bool = False
+    supports_write_zeroes: bool = False
 
     @abstractmethod
     def submit(self, ring: Ring, request: Request, user_data: int) -> int | None:

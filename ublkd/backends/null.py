@@ -16,6 +16,7 @@ from ublkd.kernel.uring import Ring
 
 class NullBackend(Backend):
     supports_discard = True
+    supports_write_zeroes = True
 
     def __init__(self, config: DeviceConfig):
         self.size = config.size

@@ -84,6 +84,8 @@ struct ublkd_queue {
 	int backend_fixed;
 	int backend_inline;
 	int backend_raw_fd;
+	int backend_punch_hole;
+	int backend_zero_range;
 	uint16_t q_id;
 	uint16_t depth;
 	uint64_t *started;
@@ -397,6 +399,8 @@ struct ublkd_queue {
 	int backend_fixed;
 	int backend_inline;	/* pread/pwrite here instead of io_uring */
 	int backend_raw_fd;	/* the plain fd, for inline I/O */
+	int backend_punch_hole;	/* DISCARD by FALLOC_FL_PUNCH_HOLE, else nothing */
+	int backend_zero_range;	/* WRITE_ZEROES by FALLOC_FL_ZERO_RANGE, else Python */
 	uint16_t q_id;
 	uint16_t depth;
 	uint64_t *started;	/* per tag: CLOCK_MONOTONIC ns the request came in, 0 = idle */
@@ -572,6 +576,11 @@ static int ublkd_file_io(struct ublkd_queue *q, unsigned tag,
 			*res = ublkd_inline_io(q, op, buf, len, offset);
 			return 0;
 		}
+	} else if (op == UBLKD_OP_DISCARD && !q->backend_punch_hole) {
+		*res = 0;	/* a hint: doing nothing is a valid answer */
+		return 0;
+	} else if (op == UBLKD_OP_WRITE_ZEROES && !q->backend_zero_range) {
+		return -1;	/* Python writes the zeros */
 	} else if (op != UBLKD_OP_FLUSH && op != UBLKD_OP_DISCARD &&
 		   op != UBLKD_OP_WRITE_ZEROES) {
 		return -1;

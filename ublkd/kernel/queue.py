@@ -127,7 +127,8 @@ class Queue:
         if fast is None:
             return
         if fast.kind == "file":
-            loop.use_file_backend(fast.fd, inline=fast.inline)
+            loop.use_file_backend(fast.fd, inline=fast.inline, punch_hole=fast.punch_hole,
+                                  zero_range=fast.zero_range)
         elif fast.kind == "null":
             loop.use_null_backend()
         else:

@@ -335,18 +335,24 @@ class QueueLoop:
         lib.ublkd_queue_init_slots(q)
         self._char_fd = char_fd
 
-    def use_file_backend(self, fd: int, inline: bool = False, fixed_files: bool = True) -> None:
+    def use_file_backend(self, fd: int, inline: bool = False, fixed_files: bool = True,
+                         punch_hole: bool = True, zero_range: bool = True) -> None:
         """Serve READ/WRITE/FLUSH/DISCARD/WRITE_ZEROES on fd in C.
 
         ``inline``: pread/pwrite in the queue thread instead of io_uring,
         for memory-backed files (tmpfs), where io_uring would hand every
         request to an io-wq worker thread.  ``fixed_files``: register
         /dev/ublkcN and fd with the ring (saves a file lookup per SQE).
+        ``punch_hole``/``zero_range``: the fallocate modes fd takes; without
+        the first a DISCARD is answered at once, doing nothing (it is a
+        hint), without the second a WRITE_ZEROES goes to Python.
         """
         q = self._q
         q.backend_kind = lib.UBLKD_KIND_FILE
         q.backend_raw_fd = fd
         q.backend_inline = int(inline)
+        q.backend_punch_hole = int(punch_hole)
+        q.backend_zero_range = int(zero_range)
         if fixed_files:
             self._ring.register_files([self._char_fd, fd])
             q.char_fd, q.char_fixed = 0, 1
