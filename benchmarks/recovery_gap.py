@@ -210,7 +210,7 @@ class Unit:
         self.unit = f"ublkd@{args.name}.service"
         self.since = time.time()
         self.main = 0  # the main pid killed last
-        systemctl("reset-failed", self.unit)
+        reset_failed(self.unit)
         systemctl("start", self.unit)  # Type=notify: returns once the device is LIVE
 
     def show(self, prop: str) -> str:
@@ -225,7 +225,7 @@ class Unit:
 
     def kill(self) -> tuple[float, float]:
         """SIGKILL to every process of the unit; (moment of the kill, moment all were gone)."""
-        systemctl("reset-failed", self.unit)  # NRestarts and the start limit back to 0
+        reset_failed(self.unit)
         self.main = int(self.show("MainPID"))
         worker = serving_pid(self.args.state_dir, self.args.name)
         killed = time.monotonic()
@@ -250,7 +250,7 @@ class Unit:
         else:  # systemd gave up, or a restart is pending: no more restarts, then delete
             systemctl("stop", self.unit)
             delete_device(self.args.ublkd, self.args.name, reader)
-        systemctl("reset-failed", self.unit)
+        reset_failed(self.unit)
 
     def log(self) -> str:
         return output("journalctl", "-q", "--no-pager", "-o", "cat", "-u", self.unit,
@@ -259,6 +259,11 @@ class Unit:
 
 def systemctl(*args: str) -> str:
     return output("systemctl", *args)
+
+
+def reset_failed(unit: str) -> None:
+    """NRestarts and the start limit back to 0; fails (ignored) on a unit never started."""
+    subprocess.run(["systemctl", "reset-failed", unit], check=False, capture_output=True)
 
 
 def output(*command: str) -> str:
