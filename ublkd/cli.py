@@ -9,14 +9,13 @@ import logging
 import os
 import sys
 from collections.abc import Callable
-from pathlib import Path
 
-from ublkd import __version__, daemon, systemd
-from ublkd.config import format_size, load_config, validate_name
-from ublkd.errors import EXIT_INTERNAL, DeviceBusyError, DeviceNotFoundError, UblkdError
+from ublkd import __version__, daemon, identity, systemd
+from ublkd.config import conf_dir, format_size, load_config, validate_name
+from ublkd.errors import EXIT_INTERNAL, DeviceNotFoundError, UblkdError
 from ublkd.kernel import uapi
-from ublkd.kernel.control import ControlDevice, DeviceInfo
-from ublkd.state import DeviceState, list_states, load_state, remove_state
+from ublkd.kernel.control import ControlDevice, DeviceInfo, device_ids
+from ublkd.state import DeviceState, list_states, load_state
 from ublkd.supervisor import Supervisor
 from ublkd.systemd import setup_logging
 
@@ -54,6 +53,7 @@ exit status:
   5  the device or its id is in use
   6  the backing file cannot be used
   7  no such device
+  8  an optional Python package is missing (the message names it)
 
 examples:
   ublkd serve vol0          serve /etc/ublkd/vol0.toml in the foreground
@@ -93,7 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="List every ublk device the kernel has and every state file: name, "
                     "id, block device, kernel state (LIVE, QUIESCED, DEAD, or 'gone' when "
                     "a state file names a device that no longer exists), server pid, "
-                    "backend.")
+                    "backend. A device whose state file is lost or corrupt is named after "
+                    "the configuration whose cookie it carries.")
     listing.add_argument("--json", action="store_true", help="print JSON")
     listing.set_defaults(func=cmd_list)
 
@@ -107,8 +108,14 @@ def build_parser() -> argparse.ArgumentParser:
         "delete", help="remove a device whose daemon is gone, and its state",
         description="Remove device NAME (STOP_DEV, DEL_DEV) and its state file. Refuses "
                     "while a ublkd process serves it: stop that with `systemctl stop "
-                    "ublkd@NAME`. Queued I/O of a device waiting for recovery fails.")
-    delete.add_argument("name", metavar="NAME")
+                    "ublkd@NAME`. Queued I/O of a device waiting for recovery fails. The "
+                    "device is found even when its state file is corrupt or lost: the "
+                    "kernel keeps a cookie of its name. --id N removes /dev/ublkbN "
+                    "whoever made it, for a device no name can be found for.")
+    target = delete.add_mutually_exclusive_group(required=True)
+    target.add_argument("name", metavar="NAME", nargs="?")
+    target.add_argument("--id", type=int, metavar="N", dest="dev_id",
+                        help="the device /dev/ublkbN instead of a name")
     delete.set_defaults(func=cmd_delete)
 
     upgrade = commands.add_parser(
@@ -226,27 +233,8 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_delete(args: argparse.Namespace) -> int:
-    name = validate_name(args.name)
-    daemon.require_root()
-    state = load_state(name)
-    if state is None:
-        raise DeviceNotFoundError(f"{name}: ublkd has no state for it; nothing to delete")
-    with contextlib.closing(ControlDevice()) as control:
-        try:
-            info = control.get_info(state.dev_id)
-        except DeviceNotFoundError:
-            remove_state(name)
-            print(f"{name}: /dev/ublkb{state.dev_id} was already gone; state removed")
-            return 0
-        if daemon.server_alive(info.pid):
-            raise DeviceBusyError(
-                f"{name}: /dev/ublkb{state.dev_id} is served by ublkd pid {info.pid}; "
-                f"stop it with `systemctl stop ublkd@{name}` (or SIGTERM)"
-            )
-        control.stop_device(state.dev_id)
-        control.delete_device(state.dev_id)
-    remove_state(name)
-    print(f"{name}: /dev/ublkb{state.dev_id} deleted, state removed")
+    name = None if args.name is None else validate_name(args.name)
+    print(daemon.delete(name, args.dev_id))
     return 0
 
 
@@ -278,14 +266,6 @@ def cmd_features(args: argparse.Namespace) -> int:
 
 
 # -- helpers -------------------------------------------------------------------
-def kernel_device_ids() -> list[int]:
-    """Ids of every ublk device, from the driver's char device class."""
-    class_dir = Path("/sys/class/ublk-char")
-    if not class_dir.is_dir():
-        return []
-    return sorted(int(entry.name[len("ublkc"):]) for entry in class_dir.glob("ublkc*"))
-
-
 def device_rows(control: ControlDevice) -> list[dict]:
     """One row per kernel device or state file, joined on the device id."""
     states: dict[int, DeviceState] = {}
@@ -295,19 +275,29 @@ def device_rows(control: ControlDevice) -> list[dict]:
             log.warning("%s", entry)
         else:
             states[entry.dev_id] = entry
-    for dev_id in sorted(set(kernel_device_ids()) | set(states)):
+    configured = names_by_cookie()
+    for dev_id in sorted(set(device_ids()) | set(states)):
         try:
             info: DeviceInfo | None = control.get_info(dev_id)
         except DeviceNotFoundError:
             info = None
-        rows.append(device_row(dev_id, info, states.get(dev_id)))
+        state = states.get(dev_id)
+        name = state.name if state else configured.get(info.cookie) if info else None
+        rows.append(device_row(dev_id, name, info, state))
     return rows
 
 
-def device_row(dev_id: int, info: DeviceInfo | None, state: DeviceState | None) -> dict:
+def names_by_cookie() -> dict[int, str]:
+    """Every configured device's name by its cookie: names a kernel device whose
+    state file is corrupt or lost."""
+    return {identity.cookie_of(path.stem): path.stem for path in conf_dir().glob("*.toml")}
+
+
+def device_row(dev_id: int, name: str | None, info: DeviceInfo | None,
+               state: DeviceState | None) -> dict:
     config = state.config if state else {}
     return {
-        "name": state.name if state else None,
+        "name": name,
         "id": dev_id,
         "device": f"/dev/ublkb{dev_id}",
         "state": info.state_name if info else "gone",

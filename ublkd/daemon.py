@@ -3,10 +3,15 @@
 `serve(config)` is what `ublkd serve NAME` runs.  It decides from the state
 file and the kernel what to do:
 
-    no state, or state naming a device that is gone (reboot)  -> CREATE
-    state + device QUIESCED, or LIVE with its server dead      -> RECOVER
-    state + device LIVE with a live server                     -> refuse
-    state + device DEAD (a start crashed before START_DEV)     -> delete it, CREATE
+    no device of ours (no state, or a reboot removed it)       -> CREATE
+    our device QUIESCED, or LIVE with its server dead          -> RECOVER
+    our device LIVE with a live server                         -> refuse
+    our device DEAD (a start crashed before START_DEV)         -> delete it, CREATE
+
+"Our device" is the one the state file names if the kernel agrees, else
+the one carrying our cookie (ublkd/identity.py): a corrupt or lost state
+file is rebuilt from the kernel and the config instead of ending the
+device, and a stale one never makes us touch another device.
 
 CREATE:  open backend -> ADD_DEV -> SET_PARAMS -> save state -> open
          /dev/ublkcN -> queues fetch -> START_DEV
@@ -35,15 +40,16 @@ import signal
 import time
 from datetime import datetime, timezone
 
-from ublkd import __version__
+from ublkd import __version__, identity
 from ublkd.backends import Backend, open_backend
-from ublkd.config import DeviceConfig
-from ublkd.errors import (ConfigError, DeviceBusyError, DeviceNotFoundError, KernelError,
-                          NotRootError)
+from ublkd.config import DeviceConfig, load_config
+from ublkd.errors import (ConfigError, CorruptStateError, DeviceBusyError, DeviceNotFoundError,
+                          KernelError, NotRootError, StateError, UblkdError)
 from ublkd.kernel import uapi
 from ublkd.kernel.control import ControlDevice, DeviceInfo, Params
 from ublkd.kernel.queue import Queue
-from ublkd.state import DeviceState, load_state, next_generation, remove_state, save_state
+from ublkd.state import (DeviceState, corrupt_state_kept, load_state, next_generation,
+                         quarantine_state, remove_state, save_state)
 from ublkd.systemd import Notifier
 
 log = logging.getLogger(__name__)
@@ -137,28 +143,72 @@ class Device:
     # -- deciding --------------------------------------------------------------
     def run(self) -> int:
         """Serve until stopped (0) or until handed over to a successor."""
-        previous = load_state(self.name)
-        existing = self.existing_device(previous)
+        previous, existing, had_state = self.find_device()
         if existing is None:
-            self.create_and_serve(previous)
+            self.create_and_serve(previous, may_create=not had_state)
         else:
             self.recover_and_serve(previous, existing)
         return EXIT_HANDED_OVER if self.stop.hand_over else 0
 
-    def existing_device(self, previous: DeviceState | None) -> DeviceInfo | None:
-        """The kernel's device named by our state file, if there is one to recover."""
-        if previous is None:
-            return None
+    def find_device(self) -> tuple[DeviceState | None, DeviceInfo | None, bool]:
+        """(the state to go by, our kernel device to recover or None, whether
+        a state file existed: then the device held data, and a missing
+        backing file must not be created empty)."""
+        corrupt = False
         try:
-            info = self.control.get_info(previous.dev_id)
-        except DeviceNotFoundError:
-            log.info("%s: /dev/ublkb%d of the state file no longer exists (reboot?); "
-                     "creating the device anew", self.name, previous.dev_id)
-            return None
+            previous = load_state(self.name)
+        except CorruptStateError as error:
+            log.error("%s: %s", self.name, error)
+            previous, corrupt = None, True
+        had_state = previous is not None or corrupt or corrupt_state_kept(self.name)
+        info = identity.find_device(self.control, self.name, previous, self.config.dev_id)
+        if corrupt:
+            self.set_corrupt_state_aside(info)
+        if info is None:
+            if previous is not None:
+                log.info("%s: /dev/ublkb%d of the state file no longer exists (reboot?); "
+                         "creating the device anew", self.name, previous.dev_id)
+            return previous, None, had_state
+        if previous is None or previous.dev_id != info.dev_id:
+            previous = self.rebuilt_state(info)
+        return previous, self.existing_device(info), had_state
+
+    def set_corrupt_state_aside(self, info: DeviceInfo | None) -> None:
+        """Move the unusable state file aside, unless the device cannot be told apart
+        from others: then refuse, naming the devices an admin must look at."""
+        suspects = [] if info is not None else identity.cookieless_devices(self.control)
+        if suspects:
+            listed = ", ".join(f"/dev/ublkb{dev_id}" for dev_id in suspects)
+            raise StateError(
+                f"{self.name}: its state file is unusable (above) and the kernel cannot say "
+                f"which device is {self.name}'s: {listed} carry no ublkd cookie (made by "
+                f"ublkd 0.1 or another server). ublkd does not serve a device from a "
+                f"guess: set `id` in {self.config.source} to the right one, or remove a "
+                f"device with `ublkd delete --id N`")
+        kept = quarantine_state(self.name)
+        found = f"found /dev/ublkb{info.dev_id} by its cookie" if info else "no device of its"
+        log.warning("%s: state file moved aside to %s; %s in the kernel", self.name, kept,
+                    found)
+
+    def rebuilt_state(self, info: DeviceInfo) -> DeviceState:
+        """The state file's content, from the kernel (id, flags, parameters) and the
+        config: for a device whose state file was corrupt or lost.  The
+        recovery count starts over."""
+        log.warning("%s: rebuilding its state from the kernel's /dev/ublkb%d and %s",
+                    self.name, info.dev_id, self.config.source)
+        moment = now()
+        return DeviceState(
+            name=self.name, dev_id=info.dev_id, flags=info.flags,
+            params=self.control.get_params(info.dev_id).to_dict(),
+            config=self.config.to_dict(), pid=info.pid, generation=1, created=moment,
+            updated=moment)
+
+    def existing_device(self, info: DeviceInfo) -> DeviceInfo | None:
+        """`info` if it is to be recovered; None (deleted) if it never started."""
         if info.state == uapi.UBLK_S_DEV_DEAD:
             log.warning("%s: /dev/ublkb%d was never started (a start crashed); deleting it "
-                        "and creating the device anew", self.name, previous.dev_id)
-            self.control.delete_device(previous.dev_id)
+                        "and creating the device anew", self.name, info.dev_id)
+            self.control.delete_device(info.dev_id)
             return None
         if info.pid != os.getpid() and server_alive(info.pid) and \
                 info.state == uapi.UBLK_S_DEV_LIVE:
@@ -169,9 +219,9 @@ class Device:
         return info
 
     # -- create ----------------------------------------------------------------
-    def create_and_serve(self, previous: DeviceState | None) -> None:
+    def create_and_serve(self, previous: DeviceState | None, may_create: bool) -> None:
         with contextlib.ExitStack() as undo:
-            backend = open_backend(self.config, may_create=previous is None)
+            backend = open_backend(self.config, may_create=may_create)
             undo.callback(backend.close)
             undo.callback(remove_state, self.name)
             self.info = self.add_device(self.wanted_id(previous))
@@ -229,6 +279,7 @@ class Device:
             queue_depth=self.config.queue_depth,
             max_io_buf_bytes=IO_BUFFER_BYTES,
             flags=flags,
+            cookie=identity.cookie_of(self.name),
         )
         if info.nr_queues != self.config.queues:
             log.warning("%s: the kernel gave %d queue(s) of the %d asked for (one per CPU "
@@ -244,8 +295,17 @@ class Device:
         return info
 
     def params_for(self, backend: Backend) -> Params:
+        """The device's parameters, fixed from START_DEV on (recoveries keep them).
+
+        Discard and write-zeroes only when the backend does them (the file
+        backend probes its file system): the block layer sends what is
+        advertised and logs every request that fails.  Without write-zeroes
+        it writes zero pages itself.  The discard part needs a granularity
+        as soon as either is advertised.
+        """
         cfg = self.config
         discard = backend.supports_discard
+        write_zeroes = backend.supports_write_zeroes
         return Params(
             logical_block_size=cfg.logical_block_size,
             physical_block_size=max(cfg.logical_block_size, 4096),
@@ -255,9 +315,9 @@ class Device:
             # A volatile cache makes the block layer send FLUSH, which the
             # file backend turns into fdatasync.
             volatile_cache=cfg.backend == "file",
-            discard_granularity=4096 if discard else 0,
+            discard_granularity=4096 if discard or write_zeroes else 0,
             max_discard_sectors=(1 << 30) >> 9 if discard else 0,
-            max_write_zeroes_sectors=(1 << 30) >> 9 if discard else 0,
+            max_write_zeroes_sectors=(1 << 30) >> 9 if write_zeroes else 0,
             max_discard_segments=1 if discard else 0,
         )
 
@@ -269,6 +329,7 @@ class Device:
         with contextlib.ExitStack() as undo:
             backend = open_backend(self.config, may_create=False)
             undo.callback(backend.close)
+            self.check_backend_covers(backend, previous)
             self.start_user_recovery()
             self.save_state(generation=next_generation(previous), created=previous.created)
             char_fd = self.open_char_device()
@@ -302,6 +363,17 @@ class Device:
                 f"the change, or stop the device (`systemctl stop ublkd@{self.name}`) and "
                 f"start it again to apply it"
             )
+
+    def check_backend_covers(self, backend: Backend, previous: DeviceState) -> None:
+        """The device keeps the size it was created with; a backing file now
+        smaller would lose every write past its end."""
+        size = Params.from_dict(previous.params).size
+        if backend.size < size:
+            raise ConfigError(
+                f"{self.config.source}: /dev/ublkb{previous.dev_id} is {size} bytes, but "
+                f"{self.config.path or 'the ' + self.config.backend + ' backend'} has only "
+                f"{backend.size}; a running device keeps its size: restore the backing "
+                f"file or `size`, then restart ublkd@{self.name}")
 
     def start_user_recovery(self) -> None:
         """START_USER_RECOVERY, retried while the old server is still going away.
@@ -476,14 +548,11 @@ def recover(config: DeviceConfig) -> int:
     """`ublkd recover NAME`: the START_USER_RECOVERY step alone, for a manual
     recovery; the next `ublkd serve NAME` finishes it.  Returns the dev id."""
     require_root()
-    previous = load_state(config.name)
-    if previous is None:
-        raise DeviceNotFoundError(f"{config.name}: ublkd has no state for it; nothing to recover")
     with contextlib.closing(ControlDevice()) as control:
         device = Device(config, control, Notifier())
-        info = device.existing_device(previous)
+        _, info, _ = device.find_device()
         if info is None:
-            raise DeviceNotFoundError(f"{config.name}: /dev/ublkb{previous.dev_id} is gone; "
+            raise DeviceNotFoundError(f"{config.name}: it has no device to recover; "
                                       f"`systemctl start ublkd@{config.name}` creates it anew")
         device.info = info
         device.start_user_recovery()
@@ -498,18 +567,14 @@ def give_up(name: str, force_delete: bool = False) -> str:
     on_give_up = "keep": leave the device quiesced for a manual recovery.
     """
     require_root()
-    previous = load_state(name)
-    if previous is None:
-        return f"{name}: no state; nothing to do"
-    policy = "delete" if force_delete else DeviceConfig.from_dict(previous.config).on_give_up
     with contextlib.closing(ControlDevice()) as control:
-        try:
-            info = control.get_info(previous.dev_id)
-        except DeviceNotFoundError:
+        info, config, _ = find_for_removal(control, name)
+        if info is None:
             remove_state(name)
-            return f"{name}: /dev/ublkb{previous.dev_id} already gone; state removed"
+            return f"{name}: it has no device in the kernel; nothing to do"
         if server_alive(info.pid) and info.state == uapi.UBLK_S_DEV_LIVE:
             return f"{name}: /dev/ublkb{info.dev_id} is served again (pid {info.pid}); nothing to do"
+        policy = "delete" if force_delete or config is None else config.on_give_up
         if policy == "keep":
             return (f"{name}: systemd gave up restarting ublkd@{name}; /dev/ublkb{info.dev_id} "
                     f"is kept ({info.state_name}), its I/O waits. Fix the cause, then "
@@ -517,6 +582,62 @@ def give_up(name: str, force_delete: bool = False) -> str:
         control.stop_device(info.dev_id)
         control.delete_device(info.dev_id)
     remove_state(name)
+    why = "on_give_up = \"delete\"" if config is not None else "its on_give_up is unknown"
     return (f"{name}: systemd gave up restarting ublkd@{name}; /dev/ublkb{info.dev_id} "
-            f"deleted (on_give_up = \"delete\"), its pending I/O failed")
+            f"deleted ({why}), its pending I/O failed")
 
+
+def delete(name: str | None, dev_id: int | None = None) -> str:
+    """`ublkd delete NAME` (or `--id N`): STOP_DEV + DEL_DEV of a device no daemon
+    serves, and removal of its state file."""
+    require_root()
+    with contextlib.closing(ControlDevice()) as control:
+        if name is None:
+            info = identity.info_or_none(control, dev_id)
+            if info is None:
+                raise DeviceNotFoundError(f"there is no /dev/ublkb{dev_id}")
+        else:
+            info, _, had_state = find_for_removal(control, name)
+            if info is None and not had_state:
+                raise DeviceNotFoundError(f"{name}: ublkd has no state and the kernel no "
+                                          f"device for it; nothing to delete")
+            if info is None:
+                remove_state(name)
+                return f"{name}: its device was already gone; state removed"
+        if server_alive(info.pid):
+            raise DeviceBusyError(
+                f"/dev/ublkb{info.dev_id} is served by ublkd pid {info.pid}; stop it with "
+                f"`systemctl stop ublkd@NAME` (or SIGTERM)")
+        control.stop_device(info.dev_id)
+        control.delete_device(info.dev_id)
+    if name is None:
+        return f"/dev/ublkb{info.dev_id} deleted"
+    remove_state(name)
+    return f"{name}: /dev/ublkb{info.dev_id} deleted, state removed"
+
+
+def find_for_removal(control: ControlDevice, name: str
+                     ) -> tuple[DeviceInfo | None, DeviceConfig | None, bool]:
+    """(device `name`'s kernel device or None, the config it was created with as
+    far as known, whether it has a state file), whatever shape its state file
+    and config are in: give-up and delete must still find the device, or its
+    queued I/O would wait forever."""
+    had_state = True
+    try:
+        previous = load_state(name)
+        had_state = previous is not None
+    except StateError as error:
+        log.error("%s: %s; looking for its device by its cookie", name, error)
+        previous = None
+    config = DeviceConfig.from_dict(previous.config) if previous else config_or_none(name)
+    pinned_id = config.dev_id if config else None
+    return identity.find_device(control, name, previous, pinned_id), config, had_state
+
+
+def config_or_none(name: str) -> DeviceConfig | None:
+    """/etc/ublkd/NAME.toml, or None (logged) when it is missing or wrong."""
+    try:
+        return load_config(name)
+    except UblkdError as error:
+        log.warning("%s: %s", name, error)
+        return None

@@ -5,22 +5,25 @@ and the fix. The CLI is the only place that turns these errors into exit
 codes: it prints str(error) and exits with error.exit_code. Any other
 exception is a bug in ublkd and exits with 1.
 
-    code  error                  meaning
-    ----  ---------------------  ----------------------------------------------
-    0     -                      success
-    1     any other exception    unexpected internal error (a bug: report it)
-    2     ConfigError            bad or missing config file, key, value or name
-    2     StateError             state file is corrupt or from another ublkd
-    3     DriverNotLoadedError   no /dev/ublk-control: run `modprobe ublk_drv`
-    3     NotRootError           needs root (CAP_SYS_ADMIN)
-    4     KernelError            the kernel rejected a control command
-    5     DeviceBusyError        the device or id is in use
-    6     BackendError           the backing file cannot be opened or used
-    7     DeviceNotFoundError    the kernel has no such device
+    code  error                   meaning
+    ----  ----------------------  ----------------------------------------------
+    0     -                       success
+    1     any other exception     unexpected internal error (a bug: report it)
+    2     ConfigError             bad or missing config file, key, value or name
+    2     StateError              state file is corrupt or from another ublkd
+    3     DriverNotLoadedError    no /dev/ublk-control: run `modprobe ublk_drv`
+    3     NotRootError            needs root (CAP_SYS_ADMIN)
+    4     KernelError             the kernel rejected a control command
+    5     DeviceBusyError         the device or id is in use
+    6     BackendError            the backing file cannot be opened or used
+    7     DeviceNotFoundError     the kernel has no such device
+    8     MissingDependencyError  an optional Python package is not installed
 
 Code 2 is also what argparse uses for a bad command line, so 2 always means
 "fix what you wrote". DeviceNotFoundError has its own code so that scripts
-can tell "already gone" apart from "the kernel refused".
+can tell "already gone" apart from "the kernel refused".  MissingDependencyError
+has its own code because neither the command line nor the device is at
+fault: installing a package fixes it.
 """
 
 EXIT_OK = 0
@@ -46,6 +49,12 @@ class StateError(UblkdError):
     """A state file is corrupt, unwritable, or written by another ublkd version."""
 
     exit_code = 2
+
+
+class CorruptStateError(StateError):
+    """A state file that cannot be read or parsed: the daemon rebuilds what it
+    needs from the kernel's device instead (ublkd/identity.py), when it can
+    tell which device is this one's."""
 
 
 class DriverNotLoadedError(UblkdError):
@@ -82,3 +91,10 @@ class DeviceNotFoundError(UblkdError):
     """The kernel has no such device."""
 
     exit_code = 7
+
+
+class MissingDependencyError(UblkdError):
+    """An optional dependency of one command is missing (pystemd for `ublkd upgrade`,
+    the extra "systemd" of a pip install); the message names the package to install."""
+
+    exit_code = 8

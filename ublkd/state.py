@@ -21,13 +21,14 @@ from typing import Any
 
 from ublkd import __version__
 from ublkd.config import DeviceConfig, validate_name
-from ublkd.errors import StateError
+from ublkd.errors import CorruptStateError, StateError
 
 SCHEMA_VERSION = 1
 DEFAULT_STATE_DIR = Path("/var/lib/ublkd")
 # Temp files are ".NAME.json~XXXXXXXX.tmp": '~' cannot occur in a device
 # name, so one device's temp files never match another device's pattern.
 _TEMP_MARK = ".json~"
+_CORRUPT_SUFFIX = ".json.corrupt"
 
 _JSON_TYPES: dict[str, type] = {
     "schema": int, "name": str, "dev_id": int, "flags": int, "params": dict,
@@ -102,11 +103,31 @@ def load_state(name: str, directory: Path | None = None) -> DeviceState | None:
 
 
 def remove_state(name: str, directory: Path | None = None) -> None:
-    """Forget device `name`: its state file and any temp files; absent is fine."""
+    """Forget device `name`: its state file, a corrupt one set aside, and any temp
+    files; absent is fine."""
     validate_name(name)
     directory = directory or state_dir()
     (directory / f"{name}.json").unlink(missing_ok=True)
+    (directory / f"{name}{_CORRUPT_SUFFIX}").unlink(missing_ok=True)
     _remove_temp_files(directory, name)
+
+
+def quarantine_state(name: str, directory: Path | None = None) -> Path:
+    """Move a corrupt NAME.json aside to NAME.json.corrupt (replacing an older
+    one), where an admin can look at it and no loader reads it again.  It
+    stays until the device is removed (remove_state)."""
+    validate_name(name)
+    directory = directory or state_dir()
+    kept = directory / f"{name}{_CORRUPT_SUFFIX}"
+    os.replace(directory / f"{name}.json", kept)
+    return kept
+
+
+def corrupt_state_kept(name: str, directory: Path | None = None) -> bool:
+    """Whether a corrupt state file of `name` was set aside: then the device held
+    data, and its missing backing file must not be created empty."""
+    validate_name(name)
+    return ((directory or state_dir()) / f"{name}{_CORRUPT_SUFFIX}").exists()
 
 
 def list_states(directory: Path | None = None) -> list[DeviceState | StateError]:
@@ -190,8 +211,8 @@ def _read(path: Path, name: str) -> DeviceState:
     except FileNotFoundError:
         raise
     except OSError as error:
-        raise StateError(f"{path}: cannot read the state of device '{name}' "
-                         f"({error.strerror}); run ublkd as root") from None
+        raise CorruptStateError(f"{path}: cannot read the state of device '{name}' "
+                                f"({error.strerror})") from None
     except ValueError as error:
         raise _corrupt(path, name, f"it is not valid JSON ({error})") from None
     return _parse(path, name, data)
@@ -233,10 +254,10 @@ def _check_schema(path: Path, name: str, schema: object) -> None:
                                    f"expected {SCHEMA_VERSION}")
 
 
-def _corrupt(path: Path, name: str, problem: str) -> StateError:
-    """A StateError for a damaged file, with the way out."""
-    return StateError(f"{path}: {problem}; if no ublkd@{name} is running and its "
-                      f"/dev/ublkbN is gone, remove it with `ublkd delete {name}`")
+def _corrupt(path: Path, name: str, problem: str) -> CorruptStateError:
+    """The error for a damaged file.  It does not end the device: serve,
+    give-up and delete find the device through the kernel instead."""
+    return CorruptStateError(f"{path}: {problem}")
 
 
 def _check_time(text: str) -> None:

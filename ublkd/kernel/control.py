@@ -31,6 +31,7 @@ import dataclasses
 import errno
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from ublkd.errors import DeviceNotFoundError, DriverNotLoadedError, KernelError, NotRootError
@@ -59,6 +60,7 @@ class DeviceInfo:
     max_io_buf_bytes: int
     pid: int  # the server's pid from START_DEV/END_USER_RECOVERY; -1 or 0 when none
     flags: int  # UBLK_F_* the kernel accepted (ADD_DEV drops what it lacks)
+    cookie: int = 0  # ublksrv_flags as ADD_DEV gave it: who owns the device (identity.py)
     owner_uid: int = 0
     owner_gid: int = 0
 
@@ -72,6 +74,7 @@ class DeviceInfo:
             max_io_buf_bytes=raw.max_io_buf_bytes,
             pid=raw.ublksrv_pid,
             flags=raw.flags,
+            cookie=raw.ublksrv_flags,
             owner_uid=raw.owner_uid,
             owner_gid=raw.owner_gid,
         )
@@ -303,8 +306,11 @@ class ControlDevice:
         return self._features
 
     def add_device(self, dev_id: int | None, nr_queues: int, queue_depth: int,
-                   max_io_buf_bytes: int, flags: int) -> DeviceInfo:
+                   max_io_buf_bytes: int, flags: int, cookie: int = 0) -> DeviceInfo:
         """ADD_DEV: create /dev/ublkcN (dev_id None: the kernel picks N).
+
+        `cookie` goes into ublksrv_flags, which the kernel keeps untouched
+        and GET_DEV_INFO returns for as long as the device exists.
 
         Returns what the kernel filled in; its flags are what it really
         accepted (unknown flags are dropped silently), nr_queues may be cut
@@ -317,7 +323,8 @@ class ControlDevice:
         info = uapi.ublksrv_ctrl_dev_info(
             nr_hw_queues=nr_queues, queue_depth=queue_depth,
             max_io_buf_bytes=max_io_buf_bytes,
-            dev_id=ANY_DEV_ID if dev_id is None else dev_id, flags=flags)
+            dev_id=ANY_DEV_ID if dev_id is None else dev_id, flags=flags,
+            ublksrv_flags=cookie)
         self._run("ADD_DEV", self.ops.add_dev, dev_id, info)
         return DeviceInfo.from_struct(info)
 
@@ -355,6 +362,14 @@ class ControlDevice:
     def end_user_recovery(self, dev_id: int, pid: int) -> None:
         """END_USER_RECOVERY: waits for the new server's FETCHes, then LIVE."""
         self._run("END_USER_RECOVERY", self.ops.end_user_recovery, dev_id, data=pid)
+
+
+def device_ids() -> list[int]:
+    """Ids of every ublk device, from the driver's char device class in sysfs."""
+    class_dir = Path("/sys/class/ublk-char")
+    if not class_dir.is_dir():
+        return []
+    return sorted(int(entry.name[len("ublkc"):]) for entry in class_dir.glob("ublkc*"))
 
 
 def _error(command: str, dev_id: int | None, err: int) -> Exception:
