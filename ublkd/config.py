@@ -5,13 +5,11 @@ mistake in the file shows up as one message naming the file, the key, the
 value given and what is allowed, never as an errno from the kernel later.
 """
 
-import difflib
 import json
 import os
 import re
 import tomllib
 from dataclasses import asdict, dataclass, fields
-from fractions import Fraction
 from pathlib import Path
 from typing import TypeVar
 
@@ -200,10 +198,13 @@ def parse_size(value: object, source: Path, key: str) -> int:
         number, unit = match.groups()
         if unit.upper() not in _SIZE_UNITS:
             raise _invalid(source, key, value, f'has an unknown unit "{unit}"', _SIZE_HELP)
-        exact = Fraction(number) * _SIZE_UNITS[unit.upper()]
-        if exact.denominator != 1:
+        # Exact decimal arithmetic in integers: "1.5" KiB is 15 * 1024 / 10.
+        # (fractions.Fraction would import decimal, on the path of every start.)
+        whole, _, decimals = number.partition(".")
+        scaled = int(whole + decimals) * _SIZE_UNITS[unit.upper()]
+        if scaled % 10 ** len(decimals):
             raise _invalid(source, key, value, "is not a whole number of bytes", _SIZE_HELP)
-        size = int(exact)
+        size = scaled // 10 ** len(decimals)
     if size <= 0:
         raise _invalid(source, key, value, "is not greater than 0", _SIZE_HELP)
     return size
@@ -222,6 +223,8 @@ def _check_keys(table: dict[str, object], source: Path) -> None:
     """Reject unknown keys: a typo must not silently fall back to a default."""
     for key in table:
         if key not in KNOWN_KEYS:
+            import difflib  # only for this message: not on the path of every start
+
             close = difflib.get_close_matches(key, KNOWN_KEYS, n=1)
             hint = f"did you mean '{close[0]}'? " if close else ""
             raise ConfigError(f"{source}: key '{key}' is unknown; {hint}"

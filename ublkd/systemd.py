@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -143,6 +142,8 @@ class Notifier:
         After=basic.target, hence after every local file system, including
         the one on our device: an ordering cycle.
         """
+        import subprocess  # here: the daemon runs this after READY, not before recovering
+
         if subprocess.run(["systemctl", "is-active", "--quiet", name]).returncode == 0:
             return
         result = subprocess.run(

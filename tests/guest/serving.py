@@ -120,19 +120,23 @@ def serving_pid_command(name: str) -> str:
 
 def kill_and_wait_live(guest, name: str, signal: str = "KILL", timeout: int = 120,
                        who: str = "main") -> float:
-    """Kill the unit's main process (or, who="worker", the worker that serves);
-    return guest seconds until systemd has a new main process READY.
+    """Kill the unit's main process (who="main"), the worker that serves
+    (who="worker") or every process of the unit at once (who="unit":
+    `systemctl kill`, as the OOM killer of its cgroup would); return guest
+    seconds until systemd has a new main process READY.
 
     Polls `systemctl show` (C, cheap) in a guest-side loop so the number is
     the guest's own clock, not the host's view through the agent.
     """
-    victim = "$old" if who == "main" else f"$({serving_pid_command(name)})"
+    kill = {"main": f"kill -{signal} $old",
+            "worker": f"kill -{signal} $({serving_pid_command(name)})",
+            "unit": f"systemctl kill -s {signal} $unit"}[who]
     script = f"""
         unit=ublkd@{name}.service
         old=$(systemctl show -p MainPID --value $unit)
         [ "$old" -gt 0 ] || {{ echo "no main pid"; exit 1; }}
         start=$(date +%s%N)
-        kill -{signal} {victim}
+        {kill}
         while :; do
             pid=$(systemctl show -p MainPID --value $unit)
             state=$(systemctl show -p ActiveState --value $unit)

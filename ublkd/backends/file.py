@@ -27,7 +27,6 @@ hint), a WRITE_ZEROES writes zeros (`write_zeros`).
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import fcntl
 import logging
@@ -203,11 +202,20 @@ def direct_read_works(fd: int, block_size: int) -> bool:
         buffer.close()
 
 
+def libc() -> ctypes.CDLL:
+    """The C library the interpreter runs on (dlopen(NULL)).
+
+    Not ctypes.util.find_library("c"): that runs `ldconfig -p` in a
+    subprocess on each call, and opening the backend, on the recovery path
+    of a restarted unit, asked three times.
+    """
+    return ctypes.CDLL(None, use_errno=True)
+
+
 def filesystem_type(fd: int) -> int | None:
     """f_type of fstatfs(fd) (a *_MAGIC number), None if it cannot be had."""
-    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
     buf = ctypes.create_string_buffer(256)  # struct statfs is 120 bytes on 64-bit Linux
-    if libc.fstatfs(fd, buf) != 0:
+    if libc().fstatfs(fd, buf) != 0:
         return None
     return ctypes.c_ulong.from_buffer(buf).value & 0xFFFFFFFF
 
@@ -258,9 +266,9 @@ def probe_fallocate(fd: int, path: Path) -> FallocateModes:
 
 def fallocate_works(fd: int, mode: int) -> bool:
     """Whether fallocate(fd, mode) over the first PROBE_BYTES succeeds."""
-    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-    libc.fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
-    return libc.fallocate(fd, mode, 0, PROBE_BYTES) == 0
+    fallocate = libc().fallocate
+    fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
+    return fallocate(fd, mode, 0, PROBE_BYTES) == 0
 
 
 def block_device_writes_zeroes(rdev: int) -> bool:
