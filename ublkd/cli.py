@@ -181,9 +181,10 @@ def exit_code_of(func: Callable[..., int | None], *args) -> int:
 
 # -- commands ------------------------------------------------------------------
 def cmd_serve(args: argparse.Namespace) -> int:
-    config = load_config(validate_name(args.name))
+    config, config_error = daemon.config_for_serving(validate_name(args.name))
     notifier = systemd.Notifier()
-    return Supervisor(config.name, lambda: exit_code_of(daemon.serve, config, notifier),
+    return Supervisor(config.name,
+                      lambda: exit_code_of(daemon.serve, config, notifier, config_error),
                       notifier.status).run()
 
 

@@ -31,6 +31,7 @@ application using it.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import faulthandler
 import logging
@@ -39,6 +40,7 @@ import select
 import signal
 import time
 from datetime import datetime, timezone
+from typing import NoReturn
 
 from ublkd import __version__, identity
 from ublkd.backends import Backend, open_backend
@@ -50,6 +52,7 @@ from ublkd.kernel.control import ControlDevice, DeviceInfo, Params
 from ublkd.kernel.queue import Queue
 from ublkd.state import (DeviceState, corrupt_state_kept, load_state, next_generation,
                          quarantine_state, remove_state, save_state)
+from ublkd.supervisor import EXIT_SIGNALLED_BASE
 from ublkd.systemd import Notifier
 
 log = logging.getLogger(__name__)
@@ -60,6 +63,9 @@ RECOVERY_WAIT = 30.0  # seconds START_USER_RECOVERY is retried while EBUSY
 RECOVERY_RETRY = 0.1
 QUEUE_SILENCE_LIMIT = 10.0  # a queue loop that has not run for this long is stuck
 EXIT_HANDED_OVER = 75  # SIGUSR2: left the device to a successor (the unit restarts us)
+
+# What a device is made of; an existing device keeps them (keep_settings_of).
+DEVICE_SHAPING_KEYS = ("backend", "path", "size", "logical_block_size", "recovery")
 
 RECOVERY_FLAGS = {
     "reissue": uapi.UBLK_F_USER_RECOVERY | uapi.UBLK_F_USER_RECOVERY_REISSUE,
@@ -130,8 +136,12 @@ class StopRequests:
 class Device:
     """One served ublk device; `run()` returns after a clean stop."""
 
-    def __init__(self, config: DeviceConfig, control: ControlDevice, notifier: Notifier):
+    def __init__(self, config: DeviceConfig, control: ControlDevice, notifier: Notifier,
+                 config_error: ConfigError | None = None):
         self.config = config
+        # Set when /etc/ublkd/NAME.toml is wrong and `config` is the one kept in
+        # the state file: good to recover an existing device, never to create one.
+        self.config_error = config_error
         self.control = control
         self.notifier = notifier
         self.name = config.name
@@ -139,11 +149,19 @@ class Device:
         self.queues: list[Queue] = []
         self.info: DeviceInfo | None = None
         self.state: DeviceState | None = None
+        self.backend_late: str | None = None  # what STATUS last said about the backend
 
     # -- deciding --------------------------------------------------------------
     def run(self) -> int:
         """Serve until stopped (0) or until handed over to a successor."""
         previous, existing, had_state = self.find_device()
+        if existing is None and self.config_error is not None:
+            raise self.config_error
+        if self.config_error is not None:
+            log.error("%s: %s", self.name, self.config_error)
+            log.warning("%s: recovering /dev/ublkb%d with the configuration it was created "
+                        "with (its state file); fix the file, it applies at the next create",
+                        self.name, existing.dev_id)
         if existing is None:
             self.create_and_serve(previous, may_create=not had_state)
         else:
@@ -324,14 +342,15 @@ class Device:
     # -- recover ---------------------------------------------------------------
     def recover_and_serve(self, previous: DeviceState, info: DeviceInfo) -> None:
         self.info = info
-        self.check_config_still_fits(previous)
+        self.keep_settings_of(previous)
         started = time.monotonic()
         with contextlib.ExitStack() as undo:
             backend = open_backend(self.config, may_create=False)
             undo.callback(backend.close)
             self.check_backend_covers(backend, previous)
             self.start_user_recovery()
-            self.save_state(generation=next_generation(previous), created=previous.created)
+            self.save_state_if_possible(generation=next_generation(previous),
+                                        created=previous.created)
             char_fd = self.open_char_device()
             undo.callback(os.close, char_fd)
             undo.callback(self.join_queues)
@@ -350,19 +369,23 @@ class Device:
             self.serve_until_stopped()
             self.hand_over_if_asked(undo)
 
-    def check_config_still_fits(self, previous: DeviceState) -> None:
-        """The kernel keeps size, queues and flags; a config that changed them
-        cannot apply to the device that exists."""
+    def keep_settings_of(self, previous: DeviceState) -> None:
+        """Serve an existing device as it was created, whatever the config says now.
+
+        The kernel keeps the size, block size and flags, and the data is in
+        the backing file it was created with.  Refusing an edited config
+        here would end, after systemd's restarts, in give-up: deleting a
+        device in use over an edit.  The edit applies at the next create.
+        """
         kept = DeviceConfig.from_dict(previous.config)
-        changed = [key for key in ("backend", "path", "size", "logical_block_size", "recovery")
-                   if getattr(kept, key) != getattr(self.config, key)]
+        changed = {key: getattr(kept, key) for key in DEVICE_SHAPING_KEYS
+                   if getattr(kept, key) != getattr(self.config, key)}
         if changed:
-            raise ConfigError(
-                f"{self.config.source}: {', '.join(changed)} changed while /dev/ublkb"
-                f"{previous.dev_id} exists; a running device keeps its settings. Revert "
-                f"the change, or stop the device (`systemctl stop ublkd@{self.name}`) and "
-                f"start it again to apply it"
-            )
+            log.warning("%s: %s changed in %s since /dev/ublkb%d was created; it is served "
+                        "as created until it is created anew (`systemctl stop ublkd@%s`, "
+                        "then start)", self.name, ", ".join(changed), self.config.source,
+                        previous.dev_id, self.name)
+            self.config = dataclasses.replace(self.config, **changed)
 
     def check_backend_covers(self, backend: Backend, previous: DeviceState) -> None:
         """The device keeps the size it was created with; a backing file now
@@ -421,6 +444,16 @@ class Device:
         )
         save_state(self.state)
 
+    def save_state_if_possible(self, generation: int, created: str) -> None:
+        """save_state for a recovery: a device that holds data is served even when
+        its state cannot be written (a full /var); the kernel's cookie still
+        identifies it, and the next start writes the state again."""
+        try:
+            self.save_state(generation, created)
+        except StateError as error:
+            log.error("%s: %s; serving /dev/ublkb%d all the same", self.name, error,
+                      self.info.dev_id)
+
     def open_char_device(self) -> int:
         """Open /dev/ublkcN, which devtmpfs creates right after ADD_DEV.
 
@@ -452,17 +485,26 @@ class Device:
                 raise KernelError(f"{self.name}: queue {queue.q_id} could not start: {queue.error}")
 
     def serve_until_stopped(self) -> None:
-        """Until SIGTERM/SIGINT, pinging the watchdog while every queue is healthy."""
+        """Until SIGTERM/SIGINT/SIGUSR2, pinging the watchdog while every queue's
+        loop runs.
+
+        A hung daemon (a queue loop silent) stops the pings: systemd kills
+        it and the next one recovers the device.  A slow backend (a long
+        fdatasync, a multipath path switch, NFS) does not: the loops still
+        run, killing the daemon would not make the backend faster, and the
+        restarts would end in give-up.  STATUS says how late the backend is.
+        Anything that goes wrong here ends the process like a crash (the
+        device is recovered), never like a stop (the device deleted).
+        """
         self.notifier.ready(self.status_line("LIVE"))
         backing = str(self.config.path) if self.config.path else None
-        self.notifier.ensure_stop_order(self.name, self.info.dev_id, backing)
-        while not self.stop.wait(self.notifier.tick):
-            problem = self.health_problem()
-            if problem is None:
-                self.notifier.watchdog()
-            else:
-                log.error("%s: %s; not pinging the watchdog", self.name, problem)
-                self.notifier.status(self.status_line(f"unhealthy: {problem}"))
+        try:
+            self.notifier.ensure_stop_order(self.name, self.info.dev_id, backing)
+            while not self.stop.wait(self.notifier.tick):
+                self.check_health()
+        except Exception:
+            log.exception("%s: serving failed", self.name)
+            self.end_like_a_crash("serving failed")
         log.info("%s: %s received", self.name, self.stop.names())
         if self.stop.hand_over:
             self.notifier.status(self.status_line("handing over"))
@@ -492,21 +534,59 @@ class Device:
         log.info("%s: handed /dev/ublkb%d over; the next ublkd recovers it",
                  self.name, self.info.dev_id)
 
-    def health_problem(self) -> str | None:
-        """Why I/O is not flowing, or None: every queue thread alive, its loop
-        running, and no backend I/O stuck longer than the stall limit."""
+    def check_health(self) -> None:
+        """One watchdog tick: ping if every queue loop runs; STATUS and the journal
+        say when the backend is late and when it answers again."""
+        hung = self.hung_queue()
+        if hung is not None:
+            log.error("%s: %s; not pinging the watchdog", self.name, hung)
+            self.notifier.status(self.status_line(f"unhealthy: {hung}"))
+            return
+        self.notifier.watchdog()
+        late = self.late_backend()
+        if late == self.backend_late:
+            return
+        if late is None:
+            log.info("%s: the backend answers again", self.name)
+            self.notifier.status(self.status_line("LIVE"))
+        elif self.backend_late is None:
+            log.warning("%s: %s; waiting for it (the daemon itself is fine)", self.name, late)
+        if late is not None:
+            self.notifier.status(self.status_line(f"LIVE, {late}"))
+        self.backend_late = late
+
+    def hung_queue(self) -> str | None:
+        """Why a queue does not serve, or None.  A queue thread that ended is
+        beyond repair in this process: end it like a crash."""
         moment = time.monotonic()
         for queue in self.queues:
             if not queue.alive:
-                raise KernelError(f"{self.name}: queue {queue.q_id} stopped serving: "
-                                  f"{queue.error}")
+                self.end_like_a_crash(f"queue {queue.q_id} stopped serving: {queue.error}")
             if moment - queue.heartbeat > QUEUE_SILENCE_LIMIT:
                 return f"queue {queue.q_id} loop silent for {moment - queue.heartbeat:.0f} s"
-            stalled = queue.stalled_since()
-            if stalled is not None and moment - stalled > self.notifier.stall_limit:
-                return (f"queue {queue.q_id}: backend I/O unanswered for "
-                        f"{moment - stalled:.0f} s")
         return None
+
+    def late_backend(self) -> str | None:
+        """How late the backend is, in whole stall limits (so STATUS changes
+        seldom), or None when no request waits longer than one."""
+        moment = time.monotonic()
+        limit = self.notifier.stall_limit
+        oldest = min((since for queue in self.queues
+                      if (since := queue.stalled_since()) is not None), default=moment)
+        if moment - oldest <= limit:
+            return None
+        return f"backend I/O unanswered for over {int((moment - oldest) // limit * limit)} s"
+
+    def end_like_a_crash(self, why: str) -> NoReturn:
+        """Leave the device to the next worker, as a crash would: the kernel
+        quiesces it when this process's rings close, and the supervisor (or
+        systemd's restart) starts a worker that recovers it.  Deleting it
+        instead would fail the I/O of everything using it."""
+        log.error("%s: %s; ending this worker so that a new one recovers /dev/ublkb%d",
+                  self.name, why, self.info.dev_id)
+        logging.shutdown()
+        os.kill(os.getpid(), signal.SIGKILL)
+        os._exit(EXIT_SIGNALLED_BASE + signal.SIGKILL)  # not reached: kill() does not return
 
     def status_line(self, state: str) -> str:
         recoveries = self.state.generation - 1 if self.state else 0
@@ -532,16 +612,33 @@ class Device:
             self.control.delete_device(self.info.dev_id)
 
 
-def serve(config: DeviceConfig, notifier: Notifier) -> int:
+def serve(config: DeviceConfig, notifier: Notifier, config_error: ConfigError | None = None
+          ) -> int:
     """Create or recover the device `config` describes; serve it until SIGTERM/SIGINT
     (returns 0) or SIGUSR2 (hands it over, returns EXIT_HANDED_OVER)."""
     require_root()
     faulthandler.enable()  # SIGABRT from the watchdog prints every thread's stack
     with contextlib.closing(ControlDevice()) as control:
-        device = Device(config, control, notifier)
+        device = Device(config, control, notifier, config_error)
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR2):
             signal.signal(signum, device.stop.record)
         return device.run()
+
+
+def config_for_serving(name: str) -> tuple[DeviceConfig, ConfigError | None]:
+    """/etc/ublkd/NAME.toml; when it is wrong (a typo, a missing file) but the
+    device has a state file, the configuration kept there and the error:
+    an existing device must not be left unrecovered over an edit."""
+    try:
+        return load_config(name), None
+    except ConfigError as error:
+        try:
+            previous = load_state(name)
+        except StateError:
+            previous = None
+        if previous is None:
+            raise
+        return DeviceConfig.from_dict(previous.config), error
 
 
 def recover(config: DeviceConfig) -> int:
