@@ -3,11 +3,17 @@
 Everything is checked here, before any kernel object exists, so that a
 mistake in the file shows up as one message naming the file, the key, the
 value given and what is allowed, never as an errno from the kernel later.
+
+A config says which file or disk root serves read-write, so it is read
+only when no other user can change it (check_trusted), as sshd does with
+its keys: the file and every directory above it belong to root (or to
+the user running ublkd) and are not writable by group or others.
 """
 
 import json
 import os
 import re
+import stat
 import tomllib
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -137,11 +143,15 @@ def _name_problem(name: str) -> str | None:
 
 
 def load_config(name: str, directory: Path | None = None) -> DeviceConfig:
-    """Read and validate NAME.toml from `directory` (default: conf_dir())."""
+    """Read and validate NAME.toml from `directory` (default: conf_dir()), once
+    check_trusted found it safe from other users."""
     validate_name(name)
     source = (directory or conf_dir()) / f"{name}.toml"
     try:
-        text = source.read_text(encoding="utf-8")
+        with open(source, "rb") as file:
+            # fstat of the open file: the file checked is the file read.
+            check_trusted(source, os.fstat(file.fileno()))
+            text = file.read().decode("utf-8")
     except FileNotFoundError:
         raise ConfigError(
             f"{source}: no config file for device '{name}'; create one, e.g. copy "
@@ -154,6 +164,71 @@ def load_config(name: str, directory: Path | None = None) -> DeviceConfig:
         raise ConfigError(f"{source}: cannot read it ({error.strerror}); "
                           "check that it is a file readable by root") from None
     return parse_config(name, text, source)
+
+
+def check_trusted(source: Path, file_info: os.stat_result) -> None:
+    """Raise ConfigError unless the config `source` (whose fstat is `file_info`)
+    and every directory above it are safe from users other than root and us.
+
+    A user who can change the file, or rename or replace it through a
+    directory, could make root serve any file or disk read-write.  Both
+    the directories above the path as written and above its real path
+    (symlinks resolved) count: a link is as safe as the directory it is in.
+    """
+    euid = os.geteuid()
+    problem = trust_problem(file_info, euid)
+    if problem:
+        raise _untrusted(source, source, problem)
+    for directory in _directories_above(source):
+        problem = trust_problem(os.stat(directory), euid, is_directory=True)
+        if problem:
+            raise _untrusted(source, directory, f"its directory {directory} {problem}")
+
+
+def trust_problem(info: os.stat_result, euid: int, is_directory: bool = False) -> str | None:
+    """Why another user could change this file or directory, or None.
+
+    Owned by root or by `euid`, and not writable by group or others; a
+    directory with the sticky bit (like /tmp) may be writable by all, since
+    nobody can rename or remove what they do not own there.
+    """
+    owner = info.st_uid
+    mode = stat.S_IMODE(info.st_mode)
+    if owner not in (0, euid):
+        trusted = "root" if euid == 0 else f"root or {_user_name(euid)}"
+        return f"is owned by {_user_name(owner)}, not by {trusted} (mode {mode:04o})"
+    writable = [who for who, bit in (("its group", stat.S_IWGRP), ("others", stat.S_IWOTH))
+                if mode & bit]
+    if writable and not (is_directory and mode & stat.S_ISVTX):
+        return (f"is writable by {' and '.join(writable)} (mode {mode:04o}, owner "
+                f"{_user_name(owner)})")
+    return None
+
+
+def _directories_above(source: Path) -> list[Path]:
+    """The directories above `source` as written and above its real path, each
+    once and by its real path (the one to chmod)."""
+    written = Path(os.path.abspath(source)).parents
+    real = Path(os.path.realpath(source)).parents
+    return list(dict.fromkeys(Path(os.path.realpath(path)) for path in [*written, *real]))
+
+
+def _untrusted(source: Path, culprit: Path, problem: str) -> ConfigError:
+    """The one shape of the refusal: the config, what is wrong with which path, the fix."""
+    return ConfigError(
+        f"{source}: refusing to read it: {'it ' if culprit == source else ''}{problem}; a user "
+        f"who can change it could make root serve any file or disk. Fix: "
+        f"chown root:root {culprit}; chmod go-w {culprit}")
+
+
+def _user_name(uid: int) -> str:
+    """'uid 1000 (alice)', or just the uid when no user has it."""
+    import pwd  # only for this message: not on the path of every start
+
+    try:
+        return f"uid {uid} ({pwd.getpwuid(uid).pw_name})"
+    except KeyError:
+        return f"uid {uid}"
 
 
 def parse_config(name: str, text: str, source: Path) -> DeviceConfig:

@@ -1,14 +1,18 @@
 """Config parsing and validation: every rule, and what each message tells the user."""
 
 import json
+import os
+import pwd
 import re
+import stat
 import tomllib
 from pathlib import Path
 
 import pytest
 
 from ublkd import config
-from ublkd.config import DeviceConfig, load_config, parse_config, parse_size, validate_name
+from ublkd.config import (DeviceConfig, load_config, parse_config, parse_size, trust_problem,
+                          validate_name)
 from ublkd.errors import ConfigError
 
 SOURCE = Path("/etc/ublkd/vol0.toml")
@@ -233,3 +237,81 @@ def test_from_dict_rejects_a_missing_field():
 ])
 def test_format_size(n, text):
     assert config.format_size(n) == text
+
+
+# -- trust: a config another user can change is refused ----------------------------
+def stat_of(mode: int, uid: int) -> os.stat_result:
+    return os.stat_result((mode, 1, 1, 1, uid, 0, 0, 0, 0, 0))
+
+
+@pytest.mark.parametrize("mode, uid, is_directory", [
+    (stat.S_IFREG | 0o644, 0, False), (stat.S_IFREG | 0o600, 0, False),
+    (stat.S_IFREG | 0o644, 1000, False),  # the running user's own file
+    (stat.S_IFDIR | 0o755, 0, True), (stat.S_IFDIR | 0o1777, 0, True),  # sticky, like /tmp
+])
+def test_trusted_files_and_directories(mode, uid, is_directory):
+    assert trust_problem(stat_of(mode, uid), euid=1000, is_directory=is_directory) is None
+
+
+@pytest.mark.parametrize("mode, uid, is_directory, problem", [
+    (stat.S_IFREG | 0o664, 0, False, "is writable by its group (mode 0664, owner uid 0 (root))"),
+    (stat.S_IFREG | 0o646, 0, False, "is writable by others (mode 0646"),
+    (stat.S_IFREG | 0o666, 0, False, "is writable by its group and others (mode 0666"),
+    (stat.S_IFREG | 0o644, 65534, False, "is owned by uid 65534 (nobody), not by root "
+                                         "(mode 0644)"),
+    (stat.S_IFREG | 0o1666, 0, False, "is writable by its group and others"),  # files: no sticky
+    (stat.S_IFDIR | 0o775, 0, True, "is writable by its group (mode 0775"),
+    (stat.S_IFDIR | 0o1777, 65534, True, "is owned by uid 65534"),
+])
+def test_untrusted_files_and_directories(mode, uid, is_directory, problem):
+    assert trust_problem(stat_of(mode, uid), euid=0, is_directory=is_directory) \
+        .startswith(problem)
+
+
+def test_owner_may_be_the_running_user_only_when_it_is_named():
+    assert "not by root or uid 1000" in trust_problem(stat_of(stat.S_IFREG | 0o644, 1001),
+                                                      euid=1000)
+
+
+def test_group_writable_config_is_refused_with_the_fix(tmp_path):
+    source = tmp_path / "vol0.toml"
+    source.write_text(NULL_BACKEND)
+    source.chmod(0o664)
+    with pytest.raises(ConfigError) as caught:
+        load_config("vol0", tmp_path)
+    assert str(caught.value) == (
+        f"{source}: refusing to read it: it is writable by its group (mode 0664, owner "
+        f"{owner_of(source)}); a user who can change it could make root serve any file or "
+        f"disk. Fix: chown root:root {source}; chmod go-w {source}")
+    source.chmod(0o644)
+    assert load_config("vol0", tmp_path).backend == "null"
+
+
+def test_writable_directory_is_refused_even_through_a_symlink(tmp_path):
+    real = tmp_path / "real"
+    real.mkdir(mode=0o755)
+    (real / "vol0.toml").write_text(NULL_BACKEND)
+    (tmp_path / "conf").symlink_to(real)
+    real.chmod(0o777)
+    with pytest.raises(ConfigError) as caught:
+        load_config("vol0", tmp_path / "conf")
+    message = str(caught.value)
+    assert message.startswith(f"{tmp_path / 'conf' / 'vol0.toml'}: refusing to read it: its "
+                              f"directory {real} is writable by its group and others (mode "
+                              f"0777"), message
+    assert message.endswith(f"Fix: chown root:root {real}; chmod go-w {real}")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="giving a file away needs root")
+def test_config_owned_by_another_user_is_refused(tmp_path):
+    source = tmp_path / "vol0.toml"
+    source.write_text(NULL_BACKEND)
+    os.chown(source, 65534, 65534)
+    with pytest.raises(ConfigError, match=r"vol0.toml: refusing to read it: it is owned by "
+                                          r"uid 65534 .*, not by root \(mode 0644\)"):
+        load_config("vol0", tmp_path)
+
+
+def owner_of(path: Path) -> str:
+    uid = path.stat().st_uid
+    return f"uid {uid} ({pwd.getpwuid(uid).pw_name})"
