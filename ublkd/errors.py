@@ -18,12 +18,16 @@ exception is a bug in ublkd and exits with 1.
     6     BackendError            the backing file cannot be opened or used
     7     DeviceNotFoundError     the kernel has no such device
     8     MissingDependencyError  an optional Python package is not installed
+    9     HandOverRefusedError    `upgrade`: the device would not survive a hand-over
 
 Code 2 is also what argparse uses for a bad command line, so 2 always means
 "fix what you wrote". DeviceNotFoundError has its own code so that scripts
 can tell "already gone" apart from "the kernel refused".  MissingDependencyError
 has its own code because neither the command line nor the device is at
-fault: installing a package fixes it.
+fault: installing a package fixes it.  HandOverRefusedError has its own
+code because it is not a failure: the device stays, served by the daemon
+it has, and the package's postinst tells such devices apart from failed
+hand-overs.
 """
 
 EXIT_OK = 0
@@ -98,3 +102,11 @@ class MissingDependencyError(UblkdError):
     the extra "systemd" of a pip install); the message names the package to install."""
 
     exit_code = 8
+
+
+class HandOverRefusedError(UblkdError):
+    """`ublkd upgrade` of a device whose recovery mode does not survive its daemon's
+    exit ("none": the kernel deletes it; "abort": its held I/O fails): the
+    device stays with the daemon serving it, until a planned restart."""
+
+    exit_code = 9

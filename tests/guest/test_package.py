@@ -35,7 +35,10 @@ UNIT_DIR = "/lib/systemd/system"
 UNITS = ("ublkd@.service", "ublkd-giveup@.service", "ublkd-recover@.service")
 BACKING = "/var/tmp/vol0.img"
 MNT = "/mnt/vol0"
-CONFIG = f'backend = "file"\npath = "{BACKING}"\nsize = "256MiB"\n'
+# The upgrade test's devices: one handed over (a '-' in its name: the
+# instance string, which postinst must not unescape into "vol/0"), and one
+# created with recovery = "none", which must stay with its daemon.
+HANDED_OVER, STAYS = "vol-0", "nr"
 
 
 def code_version() -> str:
@@ -103,30 +106,40 @@ def package(guest, debs):
     if package_status(guest)[0] != "installed":
         dpkg_install(guest, debs["base"])
     yield guest
-    guest.run(f"umount -q {MNT} 2>/dev/null; systemctl stop 'ublkd@*'; "
+    mounts = " ".join(mount_point(name) for name in ("vol0", HANDED_OVER, STAYS))
+    guest.run(f"umount -q {mounts} 2>/dev/null; systemctl stop 'ublkd@*'; "
               f"systemctl reset-failed 'ublkd@*'; true", timeout=300)
     leftover = guest.run("ls /sys/class/ublk-char/ 2>/dev/null; true").stdout.strip()
-    guest.run(f"rm -f {BACKING} /etc/ublkd/*.toml")
+    guest.run("rm -f /var/tmp/*.img /etc/ublkd/*.toml")
     assert leftover == "", f"devices left behind: {leftover}"
 
 
-def start_vol0(guest: Guest) -> dict:
-    guest.write_file("/etc/ublkd/vol0.toml", CONFIG)
-    guest.run("systemctl start ublkd@vol0", timeout=180)
-    return status(guest)
+def start_vol0(guest: Guest, name: str = "vol0", extra: str = "") -> dict:
+    """Start device `name` (vol0 unless told) on /var/tmp/NAME.img; its status."""
+    guest.write_file(f"/etc/ublkd/{name}.toml", f'backend = "file"\npath = '
+                     f'"/var/tmp/{name}.img"\nsize = "256MiB"\n{extra}')
+    guest.run(f"systemctl start ublkd@{name}", timeout=180)
+    return status(guest, name)
 
 
-def status(guest: Guest) -> dict:
-    return json.loads(guest.run([UBLKD, "status", "vol0", "--json"]).stdout)
+def status(guest: Guest, name: str = "vol0") -> dict:
+    return json.loads(guest.run([UBLKD, "status", name, "--json"]).stdout)
 
 
-def mount_with_data(guest: Guest, dev: str) -> None:
-    guest.run(f"mkfs.ext4 -q {dev} && mkdir -p {MNT} && mount {dev} {MNT} && "
-              f"head -c 8M /dev/urandom > /tmp/data && cp /tmp/data {MNT}/data && sync")
+def mount_point(name: str) -> str:
+    return f"/mnt/{name}"
 
 
-def data_intact(guest: Guest) -> None:
-    guest.run(f"echo 3 > /proc/sys/vm/drop_caches; cmp /tmp/data {MNT}/data")
+def mount_with_data(guest: Guest, dev: str, name: str = "vol0") -> None:
+    mnt = mount_point(name)
+    guest.run(f"mkfs.ext4 -q {dev} && mkdir -p {mnt} && mount {dev} {mnt} && "
+              f"head -c 8M /dev/urandom > /tmp/data-{name} && cp /tmp/data-{name} {mnt}/data "
+              f"&& sync")
+
+
+def data_intact(guest: Guest, name: str = "vol0") -> None:
+    guest.run(f"echo 3 > /proc/sys/vm/drop_caches; cmp /tmp/data-{name} "
+              f"{mount_point(name)}/data")
 
 
 # -- on the host -------------------------------------------------------------------
@@ -245,20 +258,28 @@ def test_installed_package_serves_and_survives_kill_9(package, report):
 
 
 def test_upgrade_under_fio_hands_the_device_over_to_the_new_version(package, debs, report):
+    """vol-0 (reissue) is handed over under fio; nr (recovery = "none", which
+    the kernel would remove with its daemon) stays with its daemon, named by
+    postinst, its mount untouched."""
     guest = package
     if package_status(guest) != ("installed", code_version()):
         dpkg_install(guest, debs["base"])
-    new_version = next_version(code_version())
+    old_version, new_version = code_version(), next_version(code_version())
+    name, mnt = HANDED_OVER, mount_point(HANDED_OVER)
     since = JournalSince(guest)
-    before = start_vol0(guest)
-    main_before = show(guest, "ublkd@vol0", "MainPID")["MainPID"]
+    before = start_vol0(guest, name)
+    main_before = show(guest, f"ublkd@{name}", "MainPID")["MainPID"]
     dev = before["device"]
     number = devnum(guest, dev)
-    mount_with_data(guest, dev)
+    mount_with_data(guest, dev, name)
+    stays = start_vol0(guest, STAYS, 'recovery = "none"\n')
+    stays_unit = show(guest, f"ublkd@{STAYS}", "MainPID", "NRestarts")
+    stays_number = devnum(guest, stays["device"])
+    mount_with_data(guest, stays["device"], STAYS)
     # Rounds of write-then-verify until the upgrade is over: I/O runs all along.
     fio, box = run_in_background(
         guest, f"rm -f /tmp/stop; rounds=0; until [ -e /tmp/stop ]; do "
-               f"fio --name=upgrade --directory={MNT} --rw=randwrite --bs=4k --size=8M "
+               f"fio --name=upgrade --directory={mnt} --rw=randwrite --bs=4k --size=8M "
                f"--numjobs=2 --ioengine=libaio --iodepth=8 --direct=1 --fsync=32 "
                f"--verify=crc32c --verify_fatal=1 --output-format=terse >/dev/null "
                f"|| exit 1; rounds=$((rounds + 1)); done; echo $rounds")
@@ -266,35 +287,47 @@ def test_upgrade_under_fio_hands_the_device_over_to_the_new_version(package, deb
     output = dpkg_install(guest, debs["next"])
     still_writing = fio.is_alive()
     guest.run("touch /tmp/stop")
-    assert f"handing device vol0 over to ublkd {new_version}" in output, output
-    assert re.search(rf"vol0: {dev} handed over from pid {before['pid']} to pid \d+ "
+    assert f"handing device {name} over to ublkd {new_version}" in output, output
+    assert re.search(rf"{name}: {dev} handed over from pid {before['pid']} to pid \d+ "
                      rf"\(ublkd {re.escape(new_version)}\)", output), output
     assert "still served by the previous version" not in output, output
+    assert f'{STAYS}: not handed over: {stays["device"]} was created with recovery = ' \
+           f'"none"' in output, output
+    assert re.search(r"these devices stay on the version serving them until their next\s+"
+                     rf"planned restart .*: {STAYS}$", output, re.M), output
     assert still_writing, f"fio failed during the upgrade: {box and box[0].describe()}"
     fio.join(600)
     assert not fio.is_alive(), "fio still waits for I/O 10 minutes after the upgrade"
     assert box[0].rc == 0, box[0].describe()  # fio exits 1 on any I/O or verify error
 
-    after = status(guest)
+    after = status(guest, name)
     assert package_status(guest) == ("installed", new_version)
     assert after["version"] == new_version and after["state"] == "LIVE"
     assert after["pid"] != before["pid"]
     assert devnum(guest, dev) == number
-    assert f"{dev} {MNT} ext4" in guest.read_file("/proc/mounts")
+    assert f"{dev} {mnt} ext4" in guest.read_file("/proc/mounts")
     # Handed over (SIGUSR2) and recovered by the new process, never stopped
     # (SIGTERM deletes the device) nor created anew.
     assert after["generation"] == before["generation"] + 1
-    unit = show(guest, "ublkd@vol0", "ActiveState", "MainPID")
+    unit = show(guest, f"ublkd@{name}", "ActiveState", "MainPID")
     assert unit["ActiveState"] == "active" and unit["MainPID"] != main_before, unit
-    journal = since.of("ublkd@vol0")
+    journal = since.of(f"ublkd@{name}")
     assert "SIGUSR2 received" in journal and "SIGTERM received" not in journal, journal
-    assert journal.count(f"vol0: created {dev}") == 1, journal
-    assert f"vol0: recovered {dev}" in journal, journal
-    data_intact(guest)
-    guest.run(f"umount {MNT} && e2fsck -fn {dev}")
-    report(f"package upgrade {code_version()} -> {new_version} under fio "
-           f"({box[0].stdout.strip()} write+verify rounds): pid {before['pid']} -> "
-           f"{after['pid']}, no I/O error")
+    assert journal.count(f"{name}: created {dev}") == 1, journal
+    assert f"{name}: recovered {dev}" in journal, journal
+    data_intact(guest, name)
+    guest.run(f"umount {mnt} && e2fsck -fn {dev}")
+    # The "none" device: the same daemon, device and mount, on the old version.
+    assert status(guest, STAYS) == stays
+    assert stays["version"] == old_version
+    assert show(guest, f"ublkd@{STAYS}", "MainPID", "NRestarts") == stays_unit
+    assert devnum(guest, stays["device"]) == stays_number
+    assert f"{stays['device']} {mount_point(STAYS)} ext4" in guest.read_file("/proc/mounts")
+    assert "SIGUSR2" not in since.of(f"ublkd@{STAYS}")
+    data_intact(guest, STAYS)
+    report(f"package upgrade {old_version} -> {new_version} under fio "
+           f"({box[0].stdout.strip()} write+verify rounds): {name} pid {before['pid']} -> "
+           f"{after['pid']}, no I/O error; {STAYS} (recovery none) stays on {old_version}")
 
 
 def test_remove_is_refused_while_a_device_runs_and_purge_removes_the_state(package):

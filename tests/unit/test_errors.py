@@ -9,7 +9,7 @@ from ublkd import errors
 EXPECTED = {
     "ConfigError": 2, "StateError": 2, "DriverNotLoadedError": 3, "NotRootError": 3,
     "KernelError": 4, "DeviceBusyError": 5, "BackendError": 6, "DeviceNotFoundError": 7,
-    "MissingDependencyError": 8,
+    "MissingDependencyError": 8, "HandOverRefusedError": 9,
 }
 
 
