@@ -42,6 +42,8 @@ install-units:
 	for unit in units/*.service; do \
 		sed 's|/usr/bin/ublkd|$(UBLKD)|' $$unit > $(UNITDIR)/$$(basename $$unit); \
 	done
+	install -D -m 0644 units/modprobe@ublk_drv.service.d/ublkd.conf \
+		$(UNITDIR)/modprobe@ublk_drv.service.d/ublkd.conf
 	systemctl daemon-reload
 
 # Distro packages (docs/packaging.md).  `deb` installs its build dependencies
