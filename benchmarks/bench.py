@@ -217,11 +217,13 @@ def start_daemon(guest: Guest, name: str, config: str) -> Daemon:
             ticks = int(guest.run("getconf CLK_TCK").stdout)
             return Daemon(guest, json.loads(status.stdout)["pid"], device, ticks)
         time.sleep(1)
-    raise RuntimeError(f"ublkd serve {name} not LIVE:\n{guest.run(f'cat /var/tmp/{name}.log').stdout}")
+    log = guest.run(f"cat /var/tmp/{name}.log").stdout
+    raise RuntimeError(f"ublkd serve {name} not LIVE:\n{log}")
 
 
 def stop_daemon(guest: Guest, daemon: Daemon) -> None:
-    guest.run(f"kill -TERM {daemon.pid}; while kill -0 {daemon.pid} 2>/dev/null; do sleep 0.2; done",
+    guest.run(f"kill -TERM {daemon.pid}; "
+              f"while kill -0 {daemon.pid} 2>/dev/null; do sleep 0.2; done",
               timeout=300)
 
 

@@ -161,7 +161,8 @@ class Direct:
         return self.process.poll() is None
 
     def describe(self) -> str:
-        return (f"ublkd serve: {'running' if self.running() else f'exited {self.process.returncode}'}"
+        how = "running" if self.running() else f"exited {self.process.returncode}"
+        return (f"ublkd serve: {how}"
                 f"; log {self.args.log}")
 
     def kill(self) -> tuple[float, float]:

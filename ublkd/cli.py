@@ -10,7 +10,7 @@ import os
 import sys
 from collections.abc import Callable
 
-from ublkd import __version__, daemon, identity, systemd
+from ublkd import __version__, daemon, handover, identity, systemd
 from ublkd.config import conf_dir, format_size, load_config, validate_name
 from ublkd.errors import EXIT_INTERNAL, DeviceNotFoundError, UblkdError
 from ublkd.kernel import uapi
@@ -54,6 +54,8 @@ exit status:
   6  the backing file cannot be used
   7  no such device
   8  an optional Python package is missing (the message names it)
+  9  upgrade refused: the device's recovery mode ("none", "abort") would not
+     survive a hand-over; it stays with its daemon until a planned restart
 
 examples:
   ublkd serve vol0          serve /etc/ublkd/vol0.toml in the foreground
@@ -126,7 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "flight and exits; systemd starts the new one, which recovers the "
                     "device. With recovery = \"reissue\" applications see no error; the "
                     "device, its number and its mounts stay. Waits until the new daemon "
-                    "is ready.")
+                    "is ready. Refuses (exit 9) a device created with recovery = \"none\" "
+                    "(the kernel would remove it) or \"abort\" (its held I/O would fail), "
+                    "as the kernel's flags for it say, whatever its config says now.")
     upgrade.add_argument("name", metavar="NAME")
     upgrade.set_defaults(func=cmd_upgrade)
 
@@ -194,6 +198,7 @@ def cmd_upgrade(args: argparse.Namespace) -> int:
     before = load_state(name)
     if before is None:
         raise DeviceNotFoundError(f"{name}: ublkd has no state for it; nothing to hand over")
+    handover.refuse_if_lost(name, before)
     systemd.hand_over(f"ublkd@{name}.service")
     state = load_state(name)
     print(f"{name}: /dev/ublkb{state.dev_id} handed over from pid {before.pid} to pid "
@@ -211,9 +216,9 @@ def cmd_list(args: argparse.Namespace) -> int:
     columns = ("name", "id", "device", "state", "pid", "backend", "size")
     table = [[str(row[c]) if row[c] is not None else "-" for c in columns] for row in rows]
     widths = [max(len(c), *(len(r[i]) for r in table)) for i, c in enumerate(columns)]
-    print("  ".join(c.upper().ljust(w) for c, w in zip(columns, widths)).rstrip())
+    print("  ".join(c.upper().ljust(w) for c, w in zip(columns, widths, strict=True)).rstrip())
     for line in table:
-        print("  ".join(v.ljust(w) for v, w in zip(line, widths)).rstrip())
+        print("  ".join(v.ljust(w) for v, w in zip(line, widths, strict=True)).rstrip())
     return 0
 
 

@@ -39,10 +39,10 @@ import os
 import select
 import signal
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import NoReturn
 
-from ublkd import __version__, identity
+from ublkd import __version__, identity, systemd
 from ublkd.backends import Backend, open_backend
 from ublkd.config import DeviceConfig, load_config
 from ublkd.errors import (ConfigError, CorruptStateError, DeviceBusyError, DeviceNotFoundError,
@@ -94,7 +94,7 @@ def server_alive(pid: int) -> bool:
 
 
 def now() -> str:
-    return datetime.now(timezone.utc).isoformat()
+    return datetime.now(UTC).isoformat()
 
 
 class StopRequests:
@@ -150,6 +150,7 @@ class Device:
         self.info: DeviceInfo | None = None
         self.state: DeviceState | None = None
         self.backend_late: str | None = None  # what STATUS last said about the backend
+        self.handing_over = False  # SIGUSR2, or SIGTERM of a restart: leave the device
 
     # -- deciding --------------------------------------------------------------
     def run(self) -> int:
@@ -166,7 +167,7 @@ class Device:
             self.create_and_serve(previous, may_create=not had_state)
         else:
             self.recover_and_serve(previous, existing)
-        return EXIT_HANDED_OVER if self.stop.hand_over else 0
+        return EXIT_HANDED_OVER if self.handing_over else 0
 
     def find_device(self) -> tuple[DeviceState | None, DeviceInfo | None, bool]:
         """(the state to go by, our kernel device to recover or None, whether
@@ -345,7 +346,7 @@ class Device:
         self.keep_settings_of(previous)
         started = time.monotonic()
         with contextlib.ExitStack() as undo:
-            backend = open_backend(self.config, may_create=False)
+            backend = open_backend(self.config, may_create=False, lock_wait=RECOVERY_WAIT)
             undo.callback(backend.close)
             self.check_backend_covers(backend, previous)
             self.start_user_recovery()
@@ -506,11 +507,29 @@ class Device:
             log.exception("%s: serving failed", self.name)
             self.end_like_a_crash("serving failed")
         log.info("%s: %s received", self.name, self.stop.names())
-        if self.stop.hand_over:
+        self.handing_over = self.stop.hand_over or self.restart_keeps_device()
+        if self.handing_over:
             self.notifier.status(self.status_line("handing over"))
             return
         self.notifier.stopping(self.status_line("stopping"))
         log.info("%s: stopping /dev/ublkb%d", self.name, self.info.dev_id)
+
+    def restart_keeps_device(self) -> bool:
+        """Whether this stop is the first half of a restart (`systemctl restart`,
+        needrestart after a library upgrade): then the device is handed over to
+        the restarted unit like an upgrade, instead of being deleted under its
+        mounts.  Only where the device survives a moment without a server
+        (recovery "reissue" or "abort"); with "none" the kernel would delete it
+        anyway.  A plain `systemctl stop` still deletes it."""
+        if not systemd.restart_pending():
+            return False
+        if not self.info.flags & uapi.UBLK_F_USER_RECOVERY:
+            log.warning("%s: restarted with recovery = \"none\": /dev/ublkb%d cannot "
+                        "outlive its server and is deleted", self.name, self.info.dev_id)
+            return False
+        log.info("%s: the unit is restarting; handing /dev/ublkb%d over to the restarted "
+                 "daemon", self.name, self.info.dev_id)
+        return True
 
     def hand_over_if_asked(self, undo: contextlib.ExitStack) -> None:
         """SIGUSR2: leave the device LIVE-but-serverless to a new process.
@@ -523,7 +542,7 @@ class Device:
         process must exit right after (the worker's os._exit): its exit
         closes every queue's ring at once (Queue._stay_until_process_exit).
         """
-        if not self.stop.hand_over:
+        if not self.handing_over:
             return
         undo.pop_all()
         for queue in self.queues:
@@ -670,7 +689,8 @@ def give_up(name: str, force_delete: bool = False) -> str:
             remove_state(name)
             return f"{name}: it has no device in the kernel; nothing to do"
         if server_alive(info.pid) and info.state == uapi.UBLK_S_DEV_LIVE:
-            return f"{name}: /dev/ublkb{info.dev_id} is served again (pid {info.pid}); nothing to do"
+            return (f"{name}: /dev/ublkb{info.dev_id} is served again (pid {info.pid}); "
+                    f"nothing to do")
         policy = "delete" if force_delete or config is None else config.on_give_up
         if policy == "keep":
             return (f"{name}: systemd gave up restarting ublkd@{name}; /dev/ublkb{info.dev_id} "

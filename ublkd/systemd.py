@@ -70,6 +70,23 @@ def own_unit() -> str | None:
     return None
 
 
+def restart_pending() -> bool:
+    """Whether systemd is restarting our own unit right now: a restart job runs
+    its stop half first, and its type stays "restart" until that is done."""
+    import subprocess  # here: only a stop needs it
+
+    unit = own_unit()
+    if unit is None:
+        return False
+    try:
+        jobs = subprocess.run(["systemctl", "list-jobs", "--no-legend", unit],
+                              capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError) as error:
+        log.warning("cannot ask systemd whether %s is restarting: %s", unit, error)
+        return False
+    return any(line.split()[1:3] == [unit, "restart"] for line in jobs.splitlines())
+
+
 class Notifier:
     """sd_notify for one device: READY, STATUS, STOPPING, WATCHDOG.
 

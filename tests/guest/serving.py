@@ -51,7 +51,7 @@ class ServedDevice:
     def _serve(self) -> None:
         self.result = ublkd(self.guest, "serve", self.name, check=False, timeout=3600)
 
-    def start(self, timeout: float = 120) -> "ServedDevice":
+    def start(self, timeout: float = 120) -> ServedDevice:
         """Start and wait until the device is LIVE; raises with the daemon's output if not."""
         self.thread.start()
         deadline = time.monotonic() + timeout
@@ -210,3 +210,33 @@ def wait_in_guest(guest: Guest, condition: str, timeout: float) -> None:
     result = guest.run(f"for i in $(seq {rounds}); do {{ {condition} ; }} && exit 0; "
                        f"sleep 0.2; done; exit 1", check=False, timeout=timeout * 3 + 60)
     assert result.rc == 0, f"not true after {timeout} s in the guest: {condition}"
+
+
+class FioThroughExt4:
+    """An application on the device: ext4 made and mounted on `dev`, two fio
+    jobs writing and verifying files through it, in the background.  What a
+    test does meanwhile (kills, restarts, edits) must go unnoticed:
+    `finish()` asserts fio's verify, the mount and the device number, then
+    unmounts and runs e2fsck."""
+
+    def __init__(self, guest: Guest, dev: str, mount_point: str = "/mnt/vol0"):
+        self.guest = guest
+        self.dev = dev
+        self.mount_point = mount_point
+        self.devnum = devnum(guest, dev)
+        guest.run(f"mkfs.ext4 -q {dev} && mkdir -p {mount_point} && mount {dev} {mount_point}")
+        self.thread, self.box = run_in_background(
+            guest,
+            f"fio --name=fsverify --directory={mount_point} --rw=randwrite --bs=4k --size=48M "
+            f"--numjobs=2 --ioengine=libaio --iodepth=8 --direct=1 --fsync=32 "
+            f"--verify=crc32c --verify_fatal=1 --output-format=json")
+
+    def finish(self) -> None:
+        self.thread.join(1800)
+        assert self.box, "fio did not finish within 30 minutes"
+        result = self.box[0]
+        assert result.rc == 0, result.describe()
+        assert [job["error"] for job in fio_jobs(result)] == [0, 0]
+        assert devnum(self.guest, self.dev) == self.devnum
+        assert f"{self.dev} {self.mount_point} ext4" in self.guest.read_file("/proc/mounts")
+        self.guest.run(f"umount {self.mount_point} && e2fsck -fn {self.dev}")

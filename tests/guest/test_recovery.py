@@ -13,7 +13,7 @@ import re
 
 import pytest
 
-from tests.guest.serving import (CHECKOUT, STATE_DIR, ServedDevice, devnum,
+from tests.guest.serving import (CHECKOUT, STATE_DIR, FioThroughExt4, ServedDevice, devnum,
                                  fio_jobs, kill_and_wait_live, kill_worker_and_time_first_read,
                                  run_in_background, show, start, ublkd, wait_in_guest,
                                  write_config)
@@ -26,7 +26,8 @@ def test_units_verify_clean(units_installed):
     # The man pages come with the package; the checkout's units are verified
     # without them.
     guest = units_installed
-    result = guest.run("systemd-analyze verify --man=no ublkd@vol0.service ublkd-giveup@vol0.service "
+    result = guest.run("systemd-analyze verify --man=no ublkd@vol0.service "
+                       "ublkd-giveup@vol0.service "
                        "ublkd-recover@vol0.service 2>&1", check=False)
     assert result.rc == 0 and result.stdout.strip() == "", result.describe()
 
@@ -52,27 +53,15 @@ def survives_kills_under_fio_through_ext4(guest, journal, kills: int, who: str) 
     the guest seconds from each kill to the unit being LIVE again."""
     status = start(guest, "vol0", f'backend = "file"\npath = "{BACKING}"\nsize = "512MiB"\n')
     dev = status["device"]
-    before = devnum(guest, dev)
-    guest.run(f"mkfs.ext4 -q {dev} && mkdir -p {MNT} && mount {dev} {MNT}")
-    fio, box = run_in_background(
-        guest,
-        f"fio --name=fsverify --directory={MNT} --rw=randwrite --bs=4k --size=48M "
-        f"--numjobs=2 --ioengine=libaio --iodepth=8 --direct=1 --fsync=32 "
-        f"--verify=crc32c --verify_fatal=1 --output-format=json")
+    application = FioThroughExt4(guest, dev, MNT)
     times = []
     for _ in range(kills):
         guest.run("sleep 2")
         times.append(kill_and_wait_live(guest, "vol0", who=who))
-    fio.join(1800)
-    result = box[0]
-    assert result.rc == 0, result.describe()
-    assert [job["error"] for job in fio_jobs(result)] == [0, 0]
-    assert devnum(guest, dev) == before
-    assert f"{dev} {MNT} ext4" in guest.read_file("/proc/mounts")
     assert show(guest, "ublkd@vol0", "NRestarts")["NRestarts"] == str(kills)
     log = journal.of("ublkd@vol0")
     assert len(re.findall(rf"vol0: recovered {dev}", log)) == kills, log
-    guest.run(f"umount {MNT} && e2fsck -fn {dev}")
+    application.finish()
     return times
 
 

@@ -208,7 +208,8 @@ def build_initramfs(version: str, modules: Path, target: Path) -> None:
     """
     with tempfile.TemporaryDirectory() as scratch:
         tree = Path(scratch)
-        for sub in ("bin", "dev", "proc", "sys", "newroot", "modules", "overlay/etc/systemd/system"):
+        for sub in ("bin", "dev", "proc", "sys", "newroot", "modules",
+                    "overlay/etc/systemd/system"):
             (tree / sub).mkdir(parents=True, exist_ok=True)
         shutil.copy2(shutil.which("busybox"), tree / "bin" / "busybox")
         shutil.copy2(HERE / "init.sh", tree / "init")

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.unit.test_queue_loop import NOT_A_UBLK_DEVICE, files, harness  # noqa: F401 (fixtures)
+from tests.unit.queue_harness import NOT_A_UBLK_DEVICE
 from ublkd.backends import Request
 from ublkd.backends.file import (TMPFS_MAGIC, FallocateModes, FileBackend,
                                  block_device_writes_zeroes, filesystem_type, probe_fallocate)

@@ -10,70 +10,15 @@ the tag buffers.
 
 from __future__ import annotations
 
-import errno
-import mmap
 import os
-import struct
 import time
 
 import pytest
 
+from tests.unit.queue_harness import (BUFFER, COMMIT_OP, DEPTH, DESCRIPTOR, NOT_A_UBLK_DEVICE,
+                                     Harness)
 from ublkd.kernel import uapi
 from ublkd.kernel.uring import BACKEND_IO, QueueLoop, Ring, buffer_address
-
-DEPTH = 4
-BUFFER = 64 * 1024
-DESCRIPTOR = struct.Struct("<IIQQ")
-COMMIT_OP = 0xC0107521
-NOT_A_UBLK_DEVICE = -errno.EOPNOTSUPP  # what a regular file answers to the commit
-
-
-@pytest.fixture
-def files(tmp_path):
-    char = os.open(tmp_path / "ublkc", os.O_RDWR | os.O_CREAT, 0o600)
-    backing = os.open(tmp_path / "backing", os.O_RDWR | os.O_CREAT, 0o600)
-    os.pwrite(backing, bytes(range(256)) * 1024, 0)  # 256 KiB of a known pattern
-    yield char, backing
-    os.close(char)
-    os.close(backing)
-
-
-class Harness:
-    def __init__(self, char_fd: int, get_data_op: int | None = None):
-        self.ring = Ring(4 * DEPTH)
-        self.descriptors = bytearray(DEPTH * 24)
-        self.buffers = mmap.mmap(-1, DEPTH * BUFFER)
-        self.scratch = bytearray(16)
-        self.loop = QueueLoop(self.ring, char_fd, 0, DEPTH, self.descriptors, self.buffers,
-                              BUFFER, COMMIT_OP, get_data_op)
-
-    def request(self, tag: int, op: int, sector: int, sectors: int) -> None:
-        """The kernel hands us a request on tag."""
-        DESCRIPTOR.pack_into(self.descriptors, tag * 24, op, sectors, sector, 0)
-        self.ring.prep_nop(tag)
-
-    def events(self, count: int, timeout: float = 5) -> list[tuple[int, int]]:
-        got: list[tuple[int, int]] = []
-        deadline = time.monotonic() + timeout
-        while len(got) < count and time.monotonic() < deadline:
-            got += self.loop.serve(0.5)
-        return sorted(got)
-
-    def buffer(self, tag: int, length: int) -> bytes:
-        return self.buffers[tag * BUFFER: tag * BUFFER + length]
-
-    def close(self) -> None:
-        self.loop.close()
-        self.ring.close()
-        self.buffers.close()  # closable: the loop released it
-
-
-@pytest.fixture
-def harness(files):
-    h = Harness(files[0])
-    yield h
-    h.close()
-
 
 @pytest.mark.parametrize("inline", [False, True])
 def test_file_reads_and_writes_are_served_and_committed_in_c(harness, files, inline):

@@ -18,7 +18,8 @@ from ublkd import supervisor
 from ublkd.supervisor import Supervisor
 
 
-def run_supervisor(tmp_path: Path, work, burst: int = supervisor.RESPAWN_BURST) -> tuple[int, list[str]]:
+def run_supervisor(tmp_path: Path, work, burst: int = supervisor.RESPAWN_BURST
+                   ) -> tuple[int, list[str]]:
     """Run Supervisor(work) in a fresh process; its exit code and status lines."""
     status_file = tmp_path / "status"
     pid = os.fork()

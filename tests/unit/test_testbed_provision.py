@@ -17,7 +17,8 @@ linux-image-6.12.111+deb12-amd64-unsigned - Linux 6.12 for 64-bit PCs
 def test_newest_generic_kernel_is_chosen_by_number_not_text():
     # 111 > 107 > 99 numerically, while "99" sorts last as text; cloud and
     # rt flavours are ignored even when newer.
-    assert provision.choose_kernel_package(APT_SEARCH) == "linux-image-6.12.111+deb12-amd64-unsigned"
+    newest = "linux-image-6.12.111+deb12-amd64-unsigned"
+    assert provision.choose_kernel_package(APT_SEARCH) == newest
 
 
 def test_no_kernel_known_says_what_to_do():

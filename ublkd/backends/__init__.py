@@ -68,16 +68,19 @@ class Backend(ABC):
         """
         return None
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 (a hook: a backend that holds nothing has none)
         """Release what open_backend took."""
 
 
-def open_backend(config: DeviceConfig, may_create: bool = True) -> Backend:
+def open_backend(config: DeviceConfig, may_create: bool = True, lock_wait: float = 0.0
+                 ) -> Backend:
     """The backend `config` asks for, opened and checked.
 
     may_create=False when the device held data before (a recovery, or a
     state file left by a reboot): a missing backing file is then an error,
     never a new empty file that would silently replace the data.
+    lock_wait: how long a recovery waits for the dead server's lock on the
+    backing file to go.
     """
     if config.backend == "null":
         from ublkd.backends.null import NullBackend
@@ -85,4 +88,4 @@ def open_backend(config: DeviceConfig, may_create: bool = True) -> Backend:
         return NullBackend(config)
     from ublkd.backends.file import FileBackend
 
-    return FileBackend(config, may_create)
+    return FileBackend(config, may_create, lock_wait)

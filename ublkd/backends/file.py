@@ -33,6 +33,7 @@ import logging
 import mmap
 import os
 import stat
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,6 +54,7 @@ RAMFS_MAGIC = 0x858458F6
 MEMORY_FILESYSTEMS = (TMPFS_MAGIC, RAMFS_MAGIC)
 PROBE_BYTES = 64 * 1024  # size of the probe's temporary file: a few blocks of any file system
 ZEROS_CHUNK = 1024 * 1024  # write_zeros writes this much per call
+LOCK_POLL = 0.02  # seconds between tries of a lock the dead server still holds
 
 
 @dataclass(frozen=True)
@@ -68,14 +70,14 @@ class FallocateModes:
 
 
 class FileBackend(Backend):
-    def __init__(self, config: DeviceConfig, may_create: bool = True):
+    def __init__(self, config: DeviceConfig, may_create: bool = True, lock_wait: float = 0.0):
         self.path = config.path
         self.fd = -1
         ensure_exists(config, may_create)
         refuse_unusable_kind(config)
         self.fd, self.direct = open_backing(self.path, config.logical_block_size)
         try:
-            lock_exclusively(self.fd, config)
+            lock_exclusively(self.fd, config, lock_wait)
             self.size = checked_size(self.fd, config)
             self.modes = probe_fallocate(self.fd, self.path)
         except BaseException:
@@ -302,16 +304,26 @@ def write_zeros(fd: int, offset: int, length: int) -> int:
     return 0
 
 
-def lock_exclusively(fd: int, config: DeviceConfig) -> None:
-    """Two servers writing one file would corrupt it: refuse the second."""
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        raise DeviceBusyError(
-            f"{config.source}: backing file {config.path} is locked by another "
-            f"process (another ublkd device serving it?); `fuser -v {config.path}` "
-            f"shows who"
-        ) from None
+def lock_exclusively(fd: int, config: DeviceConfig, wait: float) -> None:
+    """Two servers writing one file would corrupt it: refuse the second.
+
+    A recovering server waits up to `wait` seconds: the dead server's lock
+    goes only when the kernel tears its rings down (the backing file is a
+    registered file of each), some time after the process is gone.
+    """
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                break
+        time.sleep(LOCK_POLL)
+    held = f"still locked after {wait:g} s" if wait else "locked"
+    raise DeviceBusyError(
+        f"{config.source}: backing file {config.path} is {held} by another process "
+        f"(another ublkd device serving it?); `fuser -v {config.path}` shows who")
 
 
 def checked_size(fd: int, config: DeviceConfig) -> int:

@@ -317,7 +317,8 @@ class ControlDevice:
         to the CPU count and max_io_buf_bytes rounded down to pages.
         """
         if not 1 <= queue_depth <= uapi.UBLK_MAX_QUEUE_DEPTH:
-            raise ValueError(f"queue_depth must be 1..{uapi.UBLK_MAX_QUEUE_DEPTH}, not {queue_depth}")
+            raise ValueError(f"queue_depth must be 1..{uapi.UBLK_MAX_QUEUE_DEPTH}, "
+                             f"not {queue_depth}")
         if not 1 <= nr_queues <= uapi.UBLK_MAX_NR_QUEUES:
             raise ValueError(f"nr_queues must be 1..{uapi.UBLK_MAX_NR_QUEUES}, not {nr_queues}")
         info = uapi.ublksrv_ctrl_dev_info(

@@ -235,7 +235,7 @@ class Ring:
         n = lib.ublkd_reap(self._live(), self._reap_ud, self._reap_res, limit)
         if not n:
             return []
-        return list(zip(ffi.unpack(self._reap_ud, n), ffi.unpack(self._reap_res, n)))
+        return list(zip(ffi.unpack(self._reap_ud, n), ffi.unpack(self._reap_res, n), strict=True))
 
     def wait(self, min_complete: int = 1, timeout: float | None = None,
              max: int | None = None) -> list[tuple[int, int]]:  # noqa: A002
@@ -375,7 +375,7 @@ class QueueLoop:
             _raise(n, "io_uring_submit_and_wait_timeout (queue loop)")
         if not n:
             return []
-        return list(zip(ffi.unpack(self._ev_ud, n), ffi.unpack(self._ev_res, n)))
+        return list(zip(ffi.unpack(self._ev_ud, n), ffi.unpack(self._ev_res, n), strict=True))
 
     def fetch_address(self, tag: int) -> int:
         """The buffer address FETCH_REQ names for tag: none in pool mode."""

@@ -1,0 +1,27 @@
+"""Fixtures of the host-only tests: a queue loop's char device, backing file
+and harness (tests/unit/queue_harness.py)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from tests.unit.queue_harness import Harness
+
+
+@pytest.fixture
+def files(tmp_path):
+    char = os.open(tmp_path / "ublkc", os.O_RDWR | os.O_CREAT, 0o600)
+    backing = os.open(tmp_path / "backing", os.O_RDWR | os.O_CREAT, 0o600)
+    os.pwrite(backing, bytes(range(256)) * 1024, 0)  # 256 KiB of a known pattern
+    yield char, backing
+    os.close(char)
+    os.close(backing)
+
+
+@pytest.fixture
+def harness(files):
+    h = Harness(files[0])
+    yield h
+    h.close()
