@@ -34,7 +34,9 @@ NAME`, which reads /etc/ublkd/NAME.toml.
 EPILOG = """\
 files:
   /etc/ublkd/NAME.toml      configuration of device NAME (see ublkd.toml(5)
-                            and conf/vol0.toml.example)
+                            and conf/vol0.toml.example); read only if it and
+                            every directory above it are root's and not
+                            writable by group or others
   /var/lib/ublkd/NAME.json  state of device NAME while it exists: kernel id,
                             flags, parameters, daemon pid (directory mode 0700)
   /dev/ublk-control         the driver's control device (modprobe ublk_drv)

@@ -44,7 +44,8 @@ class UblkdError(Exception):
 
 
 class ConfigError(UblkdError):
-    """The config file, one of its keys or values, or a device name is wrong."""
+    """The config file, one of its keys or values, or a device name is wrong, or the
+    file is one that another user could change."""
 
     exit_code = 2
 
