@@ -38,6 +38,7 @@ import logging
 import os
 import select
 import signal
+import threading
 import time
 from datetime import UTC, datetime
 from typing import NoReturn
@@ -474,10 +475,12 @@ class Device:
 
     def start_queues(self, char_fd: int, backend: Backend) -> None:
         fetch_op, commit_op = uapi.io_opcodes(self.control.ioctl_encode)
+        together = threading.Barrier(self.info.nr_queues)
         for q_id in range(self.info.nr_queues):
             queue = Queue(char_fd, q_id, self.info.queue_depth, self.info.max_io_buf_bytes,
                           backend, fetch_op, commit_op,
-                          need_get_data=bool(self.info.flags & uapi.UBLK_F_NEED_GET_DATA))
+                          need_get_data=bool(self.info.flags & uapi.UBLK_F_NEED_GET_DATA),
+                          fetch_together=together)
             self.queues.append(queue)
             queue.start()
         for queue in self.queues:

@@ -31,6 +31,7 @@ from ublkd.kernel.uring import BACKEND_IO, TAG_MASK, QueueLoop, Ring
 log = logging.getLogger(__name__)
 
 WAKE_INTERVAL = 1.0  # seconds: the loop comes back to Python at least this often
+FETCH_TOGETHER_WAIT = 30.0  # seconds a queue waits for the others to be ready to fetch
 DESCRIPTOR = struct.Struct("<IIQQ")  # struct ublksrv_io_desc
 
 
@@ -39,7 +40,7 @@ class Queue:
 
     def __init__(self, char_fd: int, q_id: int, depth: int, buffer_size: int,
                  backend: Backend, fetch_op: int, commit_op: int,
-                 need_get_data: bool = False):
+                 need_get_data: bool = False, fetch_together: threading.Barrier | None = None):
         self.char_fd = char_fd
         self.q_id = q_id
         self.depth = depth
@@ -49,6 +50,9 @@ class Queue:
         self.commit_op = commit_op
         # The device has UBLK_F_NEED_GET_DATA: buffers from a pool, not one per tag.
         self.need_get_data = need_get_data
+        # Every queue of the device sends its FETCHes at the same moment (see
+        # _fetch_every_tag): shared by the device's queues, None alone.
+        self.fetch_together = fetch_together
         self.fetching = threading.Event()  # every tag fetched: the queue is ready
         self.stop = threading.Event()  # leave without waiting for ABORTs (never started)
         # Hand over to a successor: finish the requests in the server, take no
@@ -89,6 +93,8 @@ class Queue:
         except BaseException as exc:  # reported to the daemon, which tears down
             log.exception("queue %d failed", self.q_id)
             self.error = exc
+            if self.fetch_together is not None:
+                self.fetch_together.abort()  # the other queues must not wait for this one
         finally:
             self.fetching.set()  # never leave a waiter hanging
 
@@ -134,11 +140,25 @@ class Queue:
         else:
             raise ValueError(f"unknown fast path kind {fast.kind!r}")
 
-    def _serve_loop(self, ring: Ring, loop: QueueLoop, descriptors: mmap.mmap) -> None:
+    def _fetch_every_tag(self, ring: Ring, loop: QueueLoop) -> None:
+        """FETCH each tag, in one submission, when every other queue is ready to.
+
+        The 6.12 driver oopses (a NULL task in ublk_queue_reinit) on a
+        START_USER_RECOVERY after a recovery that died when some queues had
+        fetched every tag and others had not (seen in the guest,
+        docs/kernel-notes.md).  Sending all queues' FETCHes at one moment
+        shrinks that window from the threads' whole start-up to the gap
+        between their submissions.
+        """
         for tag in range(self.depth):
             ring.prep_ublk_io(self.char_fd, self.fetch_op, self.q_id, tag, 0,
                               loop.fetch_address(tag), tag)
+        if self.fetch_together is not None:
+            self.fetch_together.wait(FETCH_TOGETHER_WAIT)
         ring.submit()
+
+    def _serve_loop(self, ring: Ring, loop: QueueLoop, descriptors: mmap.mmap) -> None:
+        self._fetch_every_tag(ring, loop)
         self.fetching.set()
         log.debug("queue %d: fetching %d tags", self.q_id, self.depth)
         active = self.depth
