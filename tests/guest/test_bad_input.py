@@ -87,3 +87,35 @@ def test_not_root_is_refused(clean_guest):
                         "serve", "vol0"], check=False)
     assert result.rc == 3 and "root" in result.stderr, result.describe()
     assert leftovers(guest) == ""
+
+
+MAKE_SOCKET = ("/usr/bin/python3 -c 'import socket; "
+               "socket.socket(socket.AF_UNIX).bind(\"/var/tmp/vol0.sock\")'")
+
+
+@pytest.mark.parametrize(
+    "path, make, kind",
+    [("/var/tmp", "true", "a directory"),
+     ("/dev/null", "true", "a character device"),
+     ("/var/tmp/vol0.fifo", "mkfifo /var/tmp/vol0.fifo", "a FIFO"),
+     ("/var/tmp/vol0.sock", MAKE_SOCKET, "a socket")],
+    ids=["directory", "char-device", "fifo", "socket"],
+)
+def test_path_of_the_wrong_kind_is_a_config_error(clean_guest, path, make, kind):
+    # Exit 2, which ublkd@ does not restart; a FIFO is not opened (that could
+    # block): serve_fails bounds the run at 120 s.
+    clean_guest.run(make)
+    try:
+        write_config(clean_guest, "wrong",
+                     f'backend = "file"\npath = "{path}"\nsize = "64MiB"\n')
+        serve_fails(clean_guest, "wrong", 2, f'path = "{path}"', f"is {kind}")
+    finally:
+        clean_guest.run("rm -f /var/tmp/vol0.fifo /var/tmp/vol0.sock")
+
+
+def test_missing_directory_of_the_path_is_retried(clean_guest):
+    # Exit 6, which ublkd@ restarts: the file system holding it may not be
+    # mounted yet.
+    write_config(clean_guest, "unmounted",
+                 'backend = "file"\npath = "/mnt/not-mounted/vol0.img"\nsize = "64MiB"\n')
+    serve_fails(clean_guest, "unmounted", 6, "/mnt/not-mounted", "not mounted yet")
