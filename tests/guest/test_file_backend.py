@@ -138,7 +138,8 @@ def ext4_is_made_and_lazily_initialised(guest, dev: str) -> None:
     every_table_zeroed = (
         f"timeout 60 fsfreeze -f {MNT}; out=$(timeout 60 dumpe2fs {dev} 2>/dev/null); "
         f"timeout 60 fsfreeze -u {MNT}; "
-        f"[ $(echo \"$out\" | grep -c ITABLE_ZEROED) -eq $(echo \"$out\" | grep -c '^Group [0-9]*:') ]")
+        f"[ $(echo \"$out\" | grep -c ITABLE_ZEROED) -eq "
+        f"$(echo \"$out\" | grep -c '^Group [0-9]*:') ]")
     wait = guest.run(f"for i in $(seq 60); do {every_table_zeroed} && exit 0; sleep 2; done; "
                      f"exit 1", check=False, timeout=1200)
     assert wait.rc == 0, "ext4lazyinit did not zero every inode table within 60 rounds"
