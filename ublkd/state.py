@@ -13,7 +13,6 @@ wrong backing file.
 
 import json
 import os
-import tempfile
 from dataclasses import asdict, dataclass
 from datetime import datetime
 from pathlib import Path
@@ -186,8 +185,10 @@ def _remove_temp_files(directory: Path, name: str) -> None:
 def _write_atomically(target: Path, text: str) -> None:
     """Write `text` to a temp file next to `target`, fsync it, rename it over `target`
     and fsync the directory so the rename itself survives a power loss."""
-    fd, temp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.stem}{_TEMP_MARK}",
-                                suffix=".tmp")
+    # What tempfile.mkstemp does (random name, O_EXCL, mode 0600), without
+    # importing tempfile (shutil, random, bz2, lzma) on the way to every recovery.
+    temp = target.parent / f".{target.stem}{_TEMP_MARK}{os.urandom(4).hex()}.tmp"
+    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as file:
             file.write(text)
