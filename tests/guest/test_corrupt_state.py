@@ -73,9 +73,12 @@ def test_corrupt_state_file_does_not_keep_a_dead_device(clean_guest, command):
 def test_stale_state_file_naming_another_device_leaves_it_alone(clean_guest):
     guest = clean_guest
     write_config(guest, "vol0", 'backend = "null"\nsize = "64MiB"\n')
-    write_config(guest, "vol1", 'backend = "null"\nsize = "32MiB"\n')
+    write_config(guest, "vol1", 'backend = "file"\npath = "/var/tmp/vol1.img"\n'
+                                'size = "32MiB"\n')
     vol0 = ServedDevice(guest, "vol0").start()
     vol1 = ServedDevice(guest, "vol1").start()
+    guest.run(f"head -c 4M /dev/urandom > /tmp/vol1-data && "
+              f"dd if=/tmp/vol1-data of={vol1.path} bs=1M oflag=direct status=none")
     state = json.loads(guest.read_file(f"{STATE_DIR}/vol0.json"))
     assert vol0.stop().rc == 0
     # What an unclean shutdown can leave: vol0's old state naming the id
@@ -85,6 +88,7 @@ def test_stale_state_file_naming_another_device_leaves_it_alone(clean_guest):
     assert "already gone" in result.stdout, result.describe()
     assert "is another device now" in result.stderr, result.describe()
     assert json.loads(ublkd(guest, "status", "vol1", "--json").stdout)["state"] == "LIVE"
+    guest.run(f"timeout 60 cmp -n 4194304 /tmp/vol1-data {vol1.path}")
     assert vol1.stop().rc == 0
     assert leftovers(guest) == ""
 

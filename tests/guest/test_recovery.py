@@ -282,36 +282,34 @@ def test_upgrade_hands_over_under_load_without_errors(systemd_guest, journal, re
 
 def test_slow_backend_keeps_the_daemon_and_its_device(systemd_guest, journal):
     """The backing device stops answering for longer than WatchdogSec
-    (device-mapper suspended): the daemon's loops still run, so it keeps
-    pinging the watchdog and says in STATUS that the backend is late; once
-    the disk answers again the stuck write completes.  Killing the daemon
-    would not make the disk faster, and its restarts would end in give-up."""
+    (device-mapper suspended) under fio through ext4: the daemon's loops
+    still run, so it keeps pinging the watchdog and says in STATUS that the
+    backend is late; once the disk answers again fio goes on, unharmed.
+    Killing the daemon would not make the disk faster, and its restarts
+    would end in give-up."""
     guest = systemd_guest
-    guest.run("truncate -s 64M /var/tmp/slow.img && losetup -f --show /var/tmp/slow.img "
+    guest.run("truncate -s 256M /var/tmp/slow.img && losetup -f --show /var/tmp/slow.img "
               "> /tmp/loopdev && dmsetup create ublkd-slow --table "
-              "\"0 131072 linear $(cat /tmp/loopdev) 0\"")
+              "\"0 524288 linear $(cat /tmp/loopdev) 0\"")
     try:
         status = start(guest, "vol0", 'backend = "file"\npath = "/dev/mapper/ublkd-slow"\n')
         dev = status["device"]
         main = show(guest, "ublkd@vol0", "MainPID")["MainPID"]
-        guest.run("dmsetup suspend ublkd-slow")
-        writer, box = run_in_background(
-            guest, f"timeout 600 dd if=/dev/urandom of={dev} bs=4k count=1 "
-                   f"oflag=direct,sync status=none")
+        application = FioThroughExt4(guest, dev, MNT)
+        guest.run("sleep 5; dmsetup suspend ublkd-slow")
         wait_in_guest(guest, "systemctl show -p StatusText --value ublkd@vol0 | "
                              "grep -q 'backend I/O unanswered'", 120)
         guest.run("sleep 30")  # longer than WatchdogSec=20s
         unit = show(guest, "ublkd@vol0", "MainPID", "NRestarts", "ActiveState")
         assert unit == {"MainPID": main, "NRestarts": "0", "ActiveState": "active"}
-        assert writer.is_alive()
+        assert application.thread.is_alive()
         guest.run("dmsetup resume ublkd-slow")
-        writer.join(300)
-        assert box[0].rc == 0, box[0].describe()
+        application.finish()
         wait_in_guest(guest, "systemctl show -p StatusText --value ublkd@vol0 | "
                              f"grep -qx '{dev} LIVE, file backend, recovered 0 times'", 60)
         log = journal.of("ublkd@vol0")
         assert "Watchdog timeout" not in log and "waiting for it" in log, log
         assert "the backend answers again" in log, log
     finally:
-        guest.run("dmsetup resume ublkd-slow; systemctl stop ublkd@vol0; "
+        guest.run(f"dmsetup resume ublkd-slow; umount -q {MNT}; systemctl stop ublkd@vol0; "
                   "dmsetup remove ublkd-slow; losetup -d $(cat /tmp/loopdev); true")
