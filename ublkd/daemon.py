@@ -130,6 +130,13 @@ class StopRequests:
     def hand_over(self) -> bool:
         return signal.SIGUSR2 in self.signals
 
+    def forget_hand_over(self) -> None:
+        """Drop a refused SIGUSR2 (and its wake-up bytes): serving goes on."""
+        self.signals = [signum for signum in self.signals if signum != signal.SIGUSR2]
+        with contextlib.suppress(BlockingIOError):
+            while os.read(self.read_fd, 64):
+                pass
+
     def names(self) -> str:
         return ", ".join(signal.Signals(signum).name for signum in dict.fromkeys(self.signals))
 
@@ -504,7 +511,7 @@ class Device:
         backing = str(self.config.path) if self.config.path else None
         try:
             self.notifier.ensure_stop_order(self.name, self.info.dev_id, backing)
-            while not self.stop.wait(self.notifier.tick):
+            while not self.stop.wait(self.notifier.tick) or self.refuse_hand_over():
                 self.check_health()
         except Exception:
             log.exception("%s: serving failed", self.name)
@@ -516,6 +523,22 @@ class Device:
             return
         self.notifier.stopping(self.status_line("stopping"))
         log.info("%s: stopping /dev/ublkb%d", self.name, self.info.dev_id)
+
+    def refuse_hand_over(self) -> bool:
+        """A SIGUSR2 alone (`ublkd upgrade`, or sent by hand) for a device that
+        would not survive it is refused, and serving goes on: `ublkd upgrade`
+        refuses such devices itself (ublkd/handover.py), this is the daemon's
+        own guard."""
+        from ublkd.handover import hand_over_loss  # handover imports this module
+
+        only_hand_over = set(self.stop.signals) == {signal.SIGUSR2}
+        loss = hand_over_loss(self.info.flags) if only_hand_over else None
+        if loss is None:
+            return False
+        log.error("%s: hand-over refused, /dev/ublkb%d keeps its daemon: %s", self.name,
+                  self.info.dev_id, loss)
+        self.stop.forget_hand_over()
+        return True
 
     def restart_keeps_device(self) -> bool:
         """Whether this stop is the first half of a restart (`systemctl restart`,

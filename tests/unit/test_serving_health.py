@@ -91,3 +91,13 @@ def test_a_silent_queue_loop_stops_the_pings():
     device.check_health()
     assert "WATCHDOG" not in notifier.messages
     assert notifier.messages[-1].startswith("STATUS /dev/ublkb3 unhealthy: queue 0 loop silent")
+
+
+def test_a_hand_over_that_would_lose_the_device_is_refused_and_serving_goes_on():
+    device, _ = device_with(FakeQueue())  # flags 0: recovery = "none"
+    device.stop.record(signal.SIGUSR2, None)
+    assert device.stop.wait(0)
+    assert device.refuse_hand_over()
+    assert not device.stop.wait(0) and not device.stop.hand_over
+    device.stop.record(signal.SIGTERM, None)
+    assert device.stop.wait(0) and not device.refuse_hand_over()  # a stop is a stop
