@@ -190,7 +190,8 @@ def test_deb_contents_dependencies_and_offline_install(debs, tmp_path):
     subprocess.run(["dpkg-deb", "-x", str(deb), str(tmp_path)], check=True)
     for path in ("usr/bin/ublkd", *(f"lib/systemd/system/{unit}" for unit in UNITS),
                  "usr/share/man/man8/ublkd.8.gz", "usr/share/man/man5/ublkd.toml.5.gz",
-                 "usr/share/doc/ublkd/README.md", "usr/share/doc/ublkd/copyright"):
+                 "usr/share/doc/ublkd/README.md", "usr/share/doc/ublkd/copyright",
+                 "etc/needrestart/conf.d/ublkd.conf"):
         assert (tmp_path / path).is_file(), path
     assert (tmp_path / "etc/ublkd").is_dir()
     assert list(tmp_path.glob("usr/lib/python3/dist-packages/ublkd/kernel/_uring*.so"))
