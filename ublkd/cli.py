@@ -197,6 +197,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_upgrade(args: argparse.Namespace) -> int:
     name = validate_name(args.name)
     daemon.require_root()
+    systemd.systemd1(f"ublkd@{name}.service")  # without pystemd, say so before anything else
     before = load_state(name)
     if before is None:
         raise DeviceNotFoundError(f"{name}: ublkd has no state for it; nothing to hand over")
