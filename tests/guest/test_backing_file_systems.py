@@ -146,6 +146,36 @@ def ext4_is_made_and_lazily_initialised(guest, dev: str) -> None:
     guest.run(f"timeout 60 umount {MNT} && timeout 120 e2fsck -fn {dev}", timeout=200)
 
 
+def test_a_recovered_device_keeps_write_zeroes_where_the_file_system_lost_it(clean_guest):
+    """Created on ext4 (write-zeroes advertised), recovered after the file moved
+    to a tmpfs mounted at the same place: the device's parameters cannot
+    change, so the new daemon writes the zeros itself."""
+    guest = clean_guest
+    ext4 = BACKINGS["ext4"]
+    guest.run(ext4.setup, timeout=300)
+    write_config(guest, "moved", f'backend = "file"\npath = "{ext4.path}"\nsize = "64MiB"\n')
+    first = ServedDevice(guest, "moved").start()
+    dev = first.path
+    guest.run(f"head -c {8 * MiB} /dev/urandom > /tmp/pattern && "
+              f"timeout 120 dd if=/tmp/pattern of={dev} bs=1M oflag=direct status=none")
+    first.kill()
+    guest.run(f"cp --sparse=always {ext4.path} /tmp/moved.img && umount /mnt/disk0 && "
+              f"mount -t tmpfs -o size=200M tmpfs /mnt/disk0 && "
+              f"cp --sparse=always /tmp/moved.img {ext4.path} && rm /tmp/moved.img")
+    recovered = ServedDevice(guest, "moved").start()
+    try:
+        assert recovered.status["generation"] == first.status["generation"] + 1
+        assert queue_limit(guest, dev, "write_zeroes_max_bytes") > 0
+        log_mark = kernel_log_lines(guest)
+        zeroes_read_back(guest, dev)
+        discard_is_accepted(guest, dev)
+        assert kernel_errors_since(guest, log_mark, dev) == ""
+    finally:
+        result = recovered.stop()
+    assert result.rc == 0, result.describe()
+    assert "ZERO_RANGE fails" in result.stderr, result.describe()
+
+
 def test_a_directory_as_path_fails_the_unit_once_without_restarts(systemd_guest):
     guest = systemd_guest
     write_config(guest, "dir", 'backend = "file"\npath = "/var/tmp"\nsize = "64MiB"\n')
