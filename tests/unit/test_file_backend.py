@@ -209,3 +209,13 @@ def test_null_backend_advertises_both(tmp_path):
     null = NullBackend(parse_config("n", 'backend = "null"\nsize = "1MiB"\n', Path("n.toml")))
     assert params_of(null, tmp_path)["max_write_zeroes_sectors"] == 1 << 21
 
+
+
+def test_a_dangling_symlink_as_path_is_not_followed_to_create_a_file(tmp_path):
+    link = tmp_path / "vol0.img"
+    link.symlink_to(tmp_path / "not-mounted" / "vol0.img")
+    config = parse_config("vol0", f'backend = "file"\npath = "{link}"\nsize = "1MiB"\n',
+                          tmp_path / "vol0.toml")
+    with pytest.raises(BackendError, match="is a symbolic link to .*which does not exist"):
+        FileBackend(config)
+    assert not (tmp_path / "not-mounted").exists()

@@ -144,7 +144,16 @@ def ensure_exists(config: DeviceConfig, may_create: bool) -> None:
             f"{path.parent} does not exist (a file system not mounted yet? "
             f"ublkd@{config.name} tries again)"
         )
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    if path.is_symlink():
+        raise BackendError(
+            f"{config.source}: backing file {path} is a symbolic link to "
+            f"{os.readlink(path)}, which does not exist (a file system not mounted yet? "
+            f"ublkd@{config.name} tries again); ublkd does not create a file through it")
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    except OSError as error:
+        raise BackendError(f"{config.source}: cannot create backing file {path}: "
+                           f"{error.strerror}") from None
     try:
         os.ftruncate(fd, config.size)
     finally:
