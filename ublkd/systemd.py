@@ -6,6 +6,7 @@ without NOTIFY_SOCKET every notification is a no-op.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import signal
@@ -13,10 +14,12 @@ import sys
 import time
 from pathlib import Path
 from types import ModuleType
-
-import sdnotify
+from typing import TYPE_CHECKING
 
 from ublkd.errors import DeviceNotFoundError, KernelError, MissingDependencyError
+
+if TYPE_CHECKING:
+    import sdnotify
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +99,6 @@ class Notifier:
 
     def __init__(self) -> None:
         self.notify_socket = bool(os.environ.get("NOTIFY_SOCKET"))
-        self.sd = sdnotify.SystemdNotifier()
         self.interval = watchdog_interval()
         # Check health several times per watchdog period, at least once a second.
         self.tick = min(1.0, self.interval / 4) if self.interval else 1.0
@@ -104,6 +106,14 @@ class Notifier:
         # within one period of it); 30 s when no watchdog is set.
         self.stall_limit = self.interval / 2 if self.interval else 30.0
         self.last_ping = 0.0
+
+    @functools.cached_property
+    def sd(self) -> sdnotify.SystemdNotifier:
+        """Made at the first notification, READY at the earliest: sdnotify
+        imports socket and selectors, not needed on the way to a recovery."""
+        import sdnotify
+
+        return sdnotify.SystemdNotifier()
 
     def send(self, message: str) -> None:
         if self.notify_socket:
