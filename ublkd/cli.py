@@ -159,6 +159,18 @@ def build_parser() -> argparse.ArgumentParser:
     give_up.add_argument("name", metavar="NAME")
     give_up.set_defaults(func=cmd_give_up)
 
+    stop_post = commands.add_parser(
+        "stop-post", help="after ublkd@NAME stopped: delete a device left without daemon",
+        description="Run by ExecStopPost= of ublkd@NAME with systemd's $SERVICE_RESULT, "
+                    "$EXIT_CODE and $EXIT_STATUS. After a stop (not a crash, a hand-over "
+                    "or the stop half of a restart) that landed before the daemon served "
+                    "the device, for example while a restarted daemon was still "
+                    "recovering it, the device is deleted, so that its queued I/O fails "
+                    "instead of waiting forever. Does nothing when the daemon stopped the "
+                    "device itself, as it normally does.")
+    stop_post.add_argument("name", metavar="NAME")
+    stop_post.set_defaults(func=cmd_stop_post)
+
     features = commands.add_parser("features", help="what the kernel's ublk driver supports",
                                    description="Print the UBLK_F_* features of the running "
                                                "kernel's ublk driver (GET_FEATURES).")
@@ -257,6 +269,13 @@ def cmd_recover(args: argparse.Namespace) -> int:
 
 def cmd_give_up(args: argparse.Namespace) -> int:
     log.warning("%s", daemon.give_up(validate_name(args.name), force_delete=args.delete))
+    return 0
+
+
+def cmd_stop_post(args: argparse.Namespace) -> int:
+    result = daemon.after_stop(validate_name(args.name), os.environ.get("SERVICE_RESULT", ""),
+                               os.environ.get("EXIT_CODE", ""), os.environ.get("EXIT_STATUS", ""))
+    log.info("%s", result)
     return 0
 
 

@@ -730,6 +730,42 @@ def give_up(name: str, force_delete: bool = False) -> str:
             f"deleted ({why}), its pending I/O failed")
 
 
+def after_stop(name: str, service_result: str, exit_code: str, exit_status: str) -> str:
+    """ExecStopPost= of ublkd@NAME: a stop never leaves the device waiting for
+    a daemon that is not coming.
+
+    The daemon deletes its device when SIGTERM reaches its serving loop.
+    A stop that lands earlier (while a restarted daemon starts or recovers:
+    Python dies of SIGTERM before its handlers exist) would leave the device
+    quiesced with its I/O queued and nobody to serve it: every reader, and
+    the shutdown, would hang.  So after a stop, the device is deleted here
+    unless a daemon serves it.  Not after a crash (systemd restarts the
+    unit, whose daemon recovers it), a hand-over (exit 75) or the stop half
+    of a restart: there the device is waited for.  The arguments are
+    systemd's $SERVICE_RESULT, $EXIT_CODE and $EXIT_STATUS.
+    """
+    require_root()
+    if service_result != "success":
+        return f"{name}: the unit ended with {service_result}; its restart or give-up decides"
+    if exit_code == "exited" and exit_status == str(EXIT_HANDED_OVER):
+        return f"{name}: handed over; the next daemon recovers the device"
+    if systemd.restart_pending():
+        return f"{name}: restarting; the next daemon recovers the device"
+    with contextlib.closing(ControlDevice()) as control:
+        info, _, _ = find_for_removal(control, name)
+        if info is None:
+            remove_state(name)
+            return f"{name}: stopped; no device left"
+        if server_alive(info.pid) and info.state == uapi.UBLK_S_DEV_LIVE:
+            return f"{name}: /dev/ublkb{info.dev_id} is still served (pid {info.pid})"
+        control.stop_device(info.dev_id)
+        control.delete_device(info.dev_id)
+    remove_state(name)
+    return (f"{name}: stopped before a daemon served /dev/ublkb{info.dev_id} again "
+            f"({info.state_name}); deleted it so that its queued I/O fails instead of "
+            f"waiting for a daemon that is not coming")
+
+
 def delete(name: str | None, dev_id: int | None = None) -> str:
     """`ublkd delete NAME` (or `--id N`): STOP_DEV + DEL_DEV of a device no daemon
     serves, and removal of its state file."""

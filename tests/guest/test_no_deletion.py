@@ -8,8 +8,8 @@ systemd shows.
 
 from __future__ import annotations
 
-from tests.guest.serving import (FioThroughExt4, kill_and_wait_live, show, start,
-                                 wait_in_guest, write_config)
+from tests.guest.serving import (FioThroughExt4, kill_and_wait_live, leftovers,
+                                 run_in_background, show, start, wait_in_guest, write_config)
 
 BACKING = "/var/tmp/vol0.img"
 CONFIG = f'backend = "file"\npath = "{BACKING}"\nsize = "512MiB"\n'
@@ -59,3 +59,23 @@ def test_plain_stop_still_deletes_the_device(systemd_guest, journal):
     guest.run("systemctl stop ublkd@vol0", timeout=300)
     wait_in_guest(guest, f"! test -e {dev}", 30)
     assert f"stopping {dev}" in journal.of("ublkd@vol0")
+
+
+def test_stop_while_a_restarted_daemon_starts_leaves_no_device_waiting(systemd_guest,
+                                                                       journal):
+    """The whole unit is killed and systemd restarts it; the stop lands while
+    the new daemon is still starting (Python's imports take seconds here),
+    before it has handlers for SIGTERM.  The device must not stay behind
+    with queued I/O and no daemon: a reader waiting on it gets an answer."""
+    guest = systemd_guest
+    dev = start(guest, "vol0", CONFIG)["device"]
+    guest.run("systemctl kill -s KILL ublkd@vol0")
+    reader, box = run_in_background(
+        guest, f"timeout 240 dd if={dev} of=/dev/null bs=4k count=1 iflag=direct")
+    wait_in_guest(guest, "[ $(systemctl show -p NRestarts --value ublkd@vol0) = 1 ]", 60)
+    guest.run("systemctl stop ublkd@vol0", timeout=300)
+    reader.join(300)
+    assert box and box[0].rc != 124, box[0].describe() if box else "the reader hung"
+    assert leftovers(guest) == ""
+    log = journal.of("ublkd@vol0")
+    assert "stopped before a daemon served" in log or f"stopping {dev}" in log, log
