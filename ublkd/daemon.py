@@ -786,7 +786,7 @@ def delete(name: str | None, dev_id: int | None = None) -> str:
         if server_alive(info.pid):
             raise DeviceBusyError(
                 f"/dev/ublkb{info.dev_id} is served by ublkd pid {info.pid}; stop it with "
-                f"`systemctl stop ublkd@NAME` (or SIGTERM)")
+                f"`systemctl stop ublkd@{name or 'NAME'}` (or SIGTERM)")
         control.stop_device(info.dev_id)
         control.delete_device(info.dev_id)
     if name is None:
