@@ -77,10 +77,13 @@ def clean_guest(guest):
     assert remaining == "", f"left behind: {remaining}"
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture
 def units_installed(guest):
-    """The checkout's units in the session guest, running its .venv's ublkd."""
-    guest.run(f"make -s -C {CHECKOUT} install-units")
+    """The checkout's units in the session guest, running its .venv's ublkd;
+    installed again after a reboot (test_testbed.py reboots the guest, whose
+    /etc is a tmpfs overlay)."""
+    guest.run(f"test -f /etc/systemd/system/ublkd@.service || "
+              f"make -s -C {CHECKOUT} install-units")
     return guest
 
 
