@@ -710,21 +710,15 @@ def give_up(name: str, force_delete: bool = False) -> str:
     """
     require_root()
     with contextlib.closing(ControlDevice()) as control:
-        info, config, _ = find_for_removal(control, name)
+        info, config, why_not = unserved_device(control, name)
         if info is None:
-            remove_state(name)
-            return f"{name}: it has no device in the kernel; nothing to do"
-        if server_alive(info.pid) and info.state == uapi.UBLK_S_DEV_LIVE:
-            return (f"{name}: /dev/ublkb{info.dev_id} is served again (pid {info.pid}); "
-                    f"nothing to do")
+            return f"{name}: {why_not}"
         policy = "delete" if force_delete or config is None else config.on_give_up
         if policy == "keep":
             return (f"{name}: systemd gave up restarting ublkd@{name}; /dev/ublkb{info.dev_id} "
                     f"is kept ({info.state_name}), its I/O waits. Fix the cause, then "
                     f"`systemctl start ublkd-recover@{name}`, or `ublkd delete {name}`")
-        control.stop_device(info.dev_id)
-        control.delete_device(info.dev_id)
-    remove_state(name)
+        remove_device(control, name, info)
     why = "on_give_up = \"delete\"" if config is not None else "its on_give_up is unknown"
     return (f"{name}: systemd gave up restarting ublkd@{name}; /dev/ublkb{info.dev_id} "
             f"deleted ({why}), its pending I/O failed")
@@ -752,15 +746,10 @@ def after_stop(name: str, service_result: str, exit_code: str, exit_status: str)
     if systemd.restart_pending():
         return f"{name}: restarting; the next daemon recovers the device"
     with contextlib.closing(ControlDevice()) as control:
-        info, _, _ = find_for_removal(control, name)
+        info, _, why_not = unserved_device(control, name)
         if info is None:
-            remove_state(name)
-            return f"{name}: stopped; no device left"
-        if server_alive(info.pid) and info.state == uapi.UBLK_S_DEV_LIVE:
-            return f"{name}: /dev/ublkb{info.dev_id} is still served (pid {info.pid})"
-        control.stop_device(info.dev_id)
-        control.delete_device(info.dev_id)
-    remove_state(name)
+            return f"{name}: stopped; {why_not}"
+        remove_device(control, name, info)
     return (f"{name}: stopped before a daemon served /dev/ublkb{info.dev_id} again "
             f"({info.state_name}); deleted it so that its queued I/O fails instead of "
             f"waiting for a daemon that is not coming")
@@ -793,6 +782,28 @@ def delete(name: str | None, dev_id: int | None = None) -> str:
         return f"/dev/ublkb{info.dev_id} deleted"
     remove_state(name)
     return f"{name}: /dev/ublkb{info.dev_id} deleted, state removed"
+
+
+def unserved_device(control: ControlDevice, name: str
+                    ) -> tuple[DeviceInfo | None, DeviceConfig | None, str]:
+    """(device `name`'s kernel device if no daemon serves it, else None; its
+    config as far as known; why there is nothing to remove).  The state of a
+    device that is gone is forgotten on the way."""
+    info, config, _ = find_for_removal(control, name)
+    if info is None:
+        remove_state(name)
+        return None, config, "it has no device in the kernel; nothing to do"
+    if server_alive(info.pid) and info.state == uapi.UBLK_S_DEV_LIVE:
+        return None, config, (f"/dev/ublkb{info.dev_id} is served (pid {info.pid}); "
+                              f"nothing to do")
+    return info, config, ""
+
+
+def remove_device(control: ControlDevice, name: str, info: DeviceInfo) -> None:
+    """STOP_DEV + DEL_DEV (queued I/O fails), then forget the state."""
+    control.stop_device(info.dev_id)
+    control.delete_device(info.dev_id)
+    remove_state(name)
 
 
 def find_for_removal(control: ControlDevice, name: str
