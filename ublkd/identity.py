@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 
 from ublkd.errors import DeviceNotFoundError
 from ublkd.kernel.control import ControlDevice, DeviceInfo, Params, device_ids
@@ -46,7 +47,7 @@ def find_device(control: ControlDevice, name: str, state: DeviceState | None,
 
     In this order: the state file's device if the kernel agrees it is
     ours; the device carrying our cookie; with no state file, the
-    cookie-less device at the id the config pins.
+    cookie-less device at the id the config pins, if its server is gone.
     """
     if state is not None:
         info = info_or_none(control, state.dev_id)
@@ -62,9 +63,23 @@ def find_device(control: ControlDevice, name: str, state: DeviceState | None,
             return info
     if state is None and pinned_id is not None:
         info = info_or_none(control, pinned_id)
-        if info is not None and info.cookie == 0:
+        if info is not None and info.cookie == 0 and not process_exists(info.pid):
             return info
     return None
+
+
+def process_exists(pid: int) -> bool:
+    """Whether `pid` is a running process: a cookie-less device whose server
+    still runs is another server's, even at the id our config pins."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # it exists, as another user's process
+    return True
 
 
 def belongs_to(control: ControlDevice, info: DeviceInfo, name: str,

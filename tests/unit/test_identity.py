@@ -1,6 +1,8 @@
 """The device cookie: what the kernel keeps for ublkd to recognise its devices."""
 
-from ublkd.identity import COOKIE_TAG, TAG_MASK, cookie_of
+import os
+
+from ublkd.identity import COOKIE_TAG, TAG_MASK, cookie_of, process_exists
 
 
 def test_cookie_is_tagged_and_fits_the_kernel_field():
@@ -18,3 +20,13 @@ def test_cookie_never_changes_between_versions():
     # Devices outlive daemons and upgrades: a new hash would orphan every
     # device that an older ublkd created.
     assert cookie_of("vol0") == 0x75b1cf5b62d21102
+
+
+def test_a_running_process_is_told_from_a_gone_one():
+    assert process_exists(os.getpid())
+    assert not process_exists(0) and not process_exists(-1)
+    child = os.fork()
+    if child == 0:
+        os._exit(0)
+    os.waitpid(child, 0)
+    assert not process_exists(child)
