@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import logging
 import os
 import sys
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from ublkd import __version__, daemon, handover, identity, systemd
 from ublkd.config import conf_dir, format_size, load_config, validate_name
@@ -18,6 +18,9 @@ from ublkd.kernel.control import ControlDevice, DeviceInfo, device_ids
 from ublkd.state import DeviceState, list_states, load_state
 from ublkd.supervisor import Supervisor
 from ublkd.systemd import setup_logging
+
+if TYPE_CHECKING:
+    import argparse
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +77,8 @@ see also:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    import argparse  # here: the unit's `serve NAME` goes without it (is_unit_serve)
+
     parser = argparse.ArgumentParser(
         prog="ublkd",
         description=DESCRIPTION,
@@ -180,9 +185,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if is_unit_serve(argv):
+        setup_logging(verbose=False)
+        return exit_code_of(serve, argv[1])
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
     return exit_code_of(args.func, args)
+
+
+def is_unit_serve(argv: list[str]) -> bool:
+    """`ublkd serve NAME` as the unit runs it, which needs no parser.
+
+    Every recovery of a killed unit waits for this start, and importing
+    argparse and building the parser were 0.12 s of it in the test bed's
+    guest (docs/performance.md).  Anything else, an option or `-h`
+    included, goes through the parser; both ways end in `serve`.
+    """
+    return len(argv) == 2 and argv[0] == "serve" and not argv[1].startswith("-")
 
 
 def exit_code_of(func: Callable[..., int | None], *args) -> int:
@@ -199,7 +219,11 @@ def exit_code_of(func: Callable[..., int | None], *args) -> int:
 
 # -- commands ------------------------------------------------------------------
 def cmd_serve(args: argparse.Namespace) -> int:
-    config, config_error = daemon.config_for_serving(validate_name(args.name))
+    return serve(args.name)
+
+
+def serve(name: str) -> int:
+    config, config_error = daemon.config_for_serving(validate_name(name))
     notifier = systemd.Notifier()
     return Supervisor(config.name,
                       lambda: exit_code_of(daemon.serve, config, notifier, config_error),

@@ -181,7 +181,7 @@ def test_a_directory_as_path_fails_the_unit_once_without_restarts(systemd_guest)
     write_config(guest, "dir", 'backend = "file"\npath = "/var/tmp"\nsize = "64MiB"\n')
     started = guest.run("systemctl start ublkd@dir", check=False, timeout=180)
     assert started.rc != 0, started.describe()
-    guest.run("sleep 3")  # RestartSec=100ms: a restart would have come by now
+    guest.run("sleep 3")  # RestartSec=0: a restart would have come by now
     unit = show(guest, "ublkd@dir", "NRestarts", "ActiveState", "Result", "ExecMainStatus")
     assert unit == {"NRestarts": "0", "ActiveState": "failed", "Result": "exit-code",
                     "ExecMainStatus": "2"}
