@@ -48,6 +48,7 @@ from ublkd.backends import Backend, open_backend
 from ublkd.config import DeviceConfig, load_config
 from ublkd.errors import (ConfigError, CorruptStateError, DeviceBusyError, DeviceNotFoundError,
                           KernelError, NotRootError, StateError, UblkdError)
+from ublkd.handover import RECOVERY_FLAGS, hand_over_loss
 from ublkd.kernel import uapi
 from ublkd.kernel.control import ControlDevice, DeviceInfo, Params
 from ublkd.kernel.queue import Queue
@@ -67,13 +68,6 @@ EXIT_HANDED_OVER = 75  # SIGUSR2: left the device to a successor (the unit resta
 
 # What a device is made of; an existing device keeps them (keep_settings_of).
 DEVICE_SHAPING_KEYS = ("backend", "path", "size", "logical_block_size", "recovery")
-
-RECOVERY_FLAGS = {
-    "reissue": uapi.UBLK_F_USER_RECOVERY | uapi.UBLK_F_USER_RECOVERY_REISSUE,
-    "abort": uapi.UBLK_F_USER_RECOVERY,
-    "none": 0,
-}
-
 
 def require_root() -> None:
     if os.geteuid() != 0:
@@ -529,8 +523,6 @@ class Device:
         would not survive it is refused, and serving goes on: `ublkd upgrade`
         refuses such devices itself (ublkd/handover.py), this is the daemon's
         own guard."""
-        from ublkd.handover import hand_over_loss  # handover imports this module
-
         only_hand_over = set(self.stop.signals) == {signal.SIGUSR2}
         loss = hand_over_loss(self.info.flags) if only_hand_over else None
         if loss is None:
@@ -776,11 +768,9 @@ def delete(name: str | None, dev_id: int | None = None) -> str:
             raise DeviceBusyError(
                 f"/dev/ublkb{info.dev_id} is served by ublkd pid {info.pid}; stop it with "
                 f"`systemctl stop ublkd@{name or 'NAME'}` (or SIGTERM)")
-        control.stop_device(info.dev_id)
-        control.delete_device(info.dev_id)
+        remove_device(control, name, info)
     if name is None:
         return f"/dev/ublkb{info.dev_id} deleted"
-    remove_state(name)
     return f"{name}: /dev/ublkb{info.dev_id} deleted, state removed"
 
 
@@ -799,11 +789,13 @@ def unserved_device(control: ControlDevice, name: str
     return info, config, ""
 
 
-def remove_device(control: ControlDevice, name: str, info: DeviceInfo) -> None:
-    """STOP_DEV + DEL_DEV (queued I/O fails), then forget the state."""
+def remove_device(control: ControlDevice, name: str | None, info: DeviceInfo) -> None:
+    """STOP_DEV + DEL_DEV (queued I/O fails), then forget device `name`'s state
+    (none to forget for a device found by its id alone)."""
     control.stop_device(info.dev_id)
     control.delete_device(info.dev_id)
-    remove_state(name)
+    if name is not None:
+        remove_state(name)
 
 
 def find_for_removal(control: ControlDevice, name: str

@@ -27,12 +27,17 @@ from __future__ import annotations
 import contextlib
 
 from ublkd import identity
-from ublkd.daemon import RECOVERY_FLAGS
 from ublkd.errors import DeviceNotFoundError, HandOverRefusedError
 from ublkd.kernel import uapi
 from ublkd.kernel.control import ControlDevice, DeviceInfo
 from ublkd.state import DeviceState
 
+# The kernel flags of each `recovery` mode of the config.
+RECOVERY_FLAGS = {
+    "reissue": uapi.UBLK_F_USER_RECOVERY | uapi.UBLK_F_USER_RECOVERY_REISSUE,
+    "abort": uapi.UBLK_F_USER_RECOVERY,
+    "none": 0,
+}
 RECOVERY_BITS = (uapi.UBLK_F_USER_RECOVERY | uapi.UBLK_F_USER_RECOVERY_REISSUE
                  | uapi.UBLK_F_USER_RECOVERY_FAIL_IO)
 

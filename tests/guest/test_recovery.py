@@ -112,6 +112,36 @@ def test_killed_worker_is_replaced_in_place_under_fio(systemd_guest, journal, re
            f"{', '.join(f'{t:.2f}' for t in gaps)}")
 
 
+def test_a_failed_queue_ends_the_worker_like_a_crash_under_fio_through_ext4(systemd_guest,
+                                                                           journal):
+    """A queue whose ring call fails (io_uring_enter returning EBUSY, as under
+    memory pressure; injected into the serving worker with strace) must not
+    make the daemon delete the device under its file system: the worker ends
+    as a crash would and the main process forks one that recovers it."""
+    guest = systemd_guest
+    status = start(guest, "vol0", f'backend = "file"\npath = "{BACKING}"\nsize = "512MiB"\n')
+    dev = status["device"]
+    main = show(guest, "ublkd@vol0", "MainPID")["MainPID"]
+    application = FioThroughExt4(guest, dev, MNT)
+    guest.run("sleep 2")
+    # Every thread's next io_uring_enter fails; strace ends with the worker.
+    guest.run(f"timeout 120 strace -f -qq -o /dev/null -e trace=io_uring_enter "
+              f"-e inject=io_uring_enter:error=EBUSY:when=1 -p {status['pid']}",
+              check=False, timeout=180)
+    wait_in_guest(guest, f"{journal.command('ublkd@vol0')} | grep -q 'vol0: recovered {dev}'",
+                  timeout=120)
+    application.finish()
+    unit = show(guest, "ublkd@vol0", "NRestarts", "ActiveState", "MainPID")
+    assert unit == {"NRestarts": "0", "ActiveState": "active", "MainPID": main}
+    after = json.loads(ublkd(guest, "status", "vol0", "--json").stdout)
+    assert after["pid"] != status["pid"] and after["generation"] == status["generation"] + 1
+    log = journal.of("ublkd@vol0")
+    assert re.search(r"vol0: queue \d stopped serving: .*Device or resource busy", log), log
+    assert "ending this worker so that a new one recovers" in log, log
+    assert "killed by SIGKILL; a new worker recovers" in log, log
+    assert "stopping" not in log and "deleted" not in log, log
+
+
 def test_stopped_daemon_is_killed_by_the_watchdog_and_recovers(systemd_guest, journal):
     guest = systemd_guest
     status = start(guest, "vol0", f'backend = "file"\npath = "{BACKING}"\nsize = "64MiB"\n')

@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 
 from ublkd import handover
-from ublkd.daemon import RECOVERY_FLAGS
 from ublkd.errors import DeviceNotFoundError, HandOverRefusedError
 from ublkd.kernel import uapi
 from ublkd.kernel.control import DeviceInfo
@@ -15,14 +14,14 @@ from ublkd.state import DeviceState
 OTHER_FLAGS = uapi.UBLK_F_NEED_GET_DATA | uapi.UBLK_F_CMD_IOCTL_ENCODE
 
 
-@pytest.mark.parametrize("mode", RECOVERY_FLAGS)
+@pytest.mark.parametrize("mode", handover.RECOVERY_FLAGS)
 def test_recovery_mode_is_read_back_from_the_flags_ublkd_creates(mode):
-    assert handover.recovery_mode(RECOVERY_FLAGS[mode] | OTHER_FLAGS) == mode
+    assert handover.recovery_mode(handover.RECOVERY_FLAGS[mode] | OTHER_FLAGS) == mode
 
 
 def test_only_reissue_survives_a_hand_over():
-    assert handover.hand_over_loss(RECOVERY_FLAGS["reissue"] | OTHER_FLAGS) is None
-    assert "EIO" in handover.hand_over_loss(RECOVERY_FLAGS["abort"])
+    assert handover.hand_over_loss(handover.RECOVERY_FLAGS["reissue"] | OTHER_FLAGS) is None
+    assert "EIO" in handover.hand_over_loss(handover.RECOVERY_FLAGS["abort"])
     assert "removes its disk" in handover.hand_over_loss(OTHER_FLAGS)
 
 
@@ -39,7 +38,7 @@ class FakeControl:
 
 
 def state_of(mode: str) -> DeviceState:
-    return DeviceState(name="nr", dev_id=3, flags=RECOVERY_FLAGS[mode], params={},
+    return DeviceState(name="nr", dev_id=3, flags=handover.RECOVERY_FLAGS[mode], params={},
                        config={"source": "/etc/ublkd/nr.toml", "recovery": mode}, pid=42,
                        generation=1, created="", updated="", version="0.1.0")
 
@@ -69,7 +68,7 @@ def test_the_kernels_flags_decide_not_the_state_or_config(monkeypatch):
 
 
 def test_a_reissue_device_is_handed_over(monkeypatch):
-    info = kernel_info(RECOVERY_FLAGS["reissue"] | OTHER_FLAGS)
+    info = kernel_info(handover.RECOVERY_FLAGS["reissue"] | OTHER_FLAGS)
     with_kernel_device(monkeypatch, info)
     assert handover.refuse_if_lost("nr", state_of("reissue")) == info
 
