@@ -54,7 +54,7 @@ from ublkd.kernel.control import ControlDevice, DeviceInfo, Params
 from ublkd.kernel.queue import Queue
 from ublkd.state import (DeviceState, corrupt_state_kept, load_state, next_generation,
                          quarantine_state, remove_state, save_state)
-from ublkd.supervisor import EXIT_SIGNALLED_BASE
+from ublkd.supervisor import EXIT_SIGNALLED_BASE, drain
 from ublkd.systemd import Notifier
 
 log = logging.getLogger(__name__)
@@ -100,19 +100,27 @@ class StopRequests:
     a handler that called Event.set() then waited for that lock forever.
     Seen in the guest: a stop hung until systemd's 90 s timeout when the
     unit's SIGTERM and the one the supervisor forwards arrived 7 ms apart.
-    So the handler takes no lock: it records the signal and writes a byte
-    to a pipe, which the loop waits on.
+    So the handler takes no lock, it only records the signal, and the loop
+    waits on a pipe that the interpreter's C-level handler writes to
+    (signal.set_wakeup_fd) the moment a signal arrives: a handler run from
+    the loop itself would miss a signal that lands just before the loop
+    enters select(), which then slept its whole timeout (seen in a unit
+    test: 60 s).
     """
 
     def __init__(self) -> None:
         self.signals: list[int] = []
         self.read_fd, self.write_fd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
 
+    def listen(self, signums: tuple[int, ...]) -> None:
+        """Record `signums` from now on; only the main thread may call this."""
+        signal.set_wakeup_fd(self.write_fd, warn_on_full_buffer=False)
+        for signum in signums:
+            signal.signal(signum, self.record)
+
     def record(self, signum: int, _frame) -> None:
         """The signal handler."""
         self.signals.append(signum)
-        with contextlib.suppress(BlockingIOError):  # a full pipe wakes the loop as well
-            os.write(self.write_fd, b"\0")
 
     def wait(self, timeout: float) -> bool:
         """True once a stop was asked for, else after `timeout` seconds."""
@@ -127,9 +135,7 @@ class StopRequests:
     def forget_hand_over(self) -> None:
         """Drop a refused SIGUSR2 (and its wake-up bytes): serving goes on."""
         self.signals = [signum for signum in self.signals if signum != signal.SIGUSR2]
-        with contextlib.suppress(BlockingIOError):
-            while os.read(self.read_fd, 64):
-                pass
+        drain(self.read_fd)
 
     def names(self) -> str:
         return ", ".join(signal.Signals(signum).name for signum in dict.fromkeys(self.signals))
@@ -657,8 +663,7 @@ def serve(config: DeviceConfig, notifier: Notifier, config_error: ConfigError | 
     faulthandler.enable()  # SIGABRT from the watchdog prints every thread's stack
     with contextlib.closing(ControlDevice()) as control:
         device = Device(config, control, notifier, config_error)
-        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR2):
-            signal.signal(signum, device.stop.record)
+        device.stop.listen((signal.SIGTERM, signal.SIGINT, signal.SIGUSR2))
         return device.run()
 
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+import select
 import signal
 import sys
 import time
@@ -50,8 +51,11 @@ class Supervisor:
         self.worker = 0
         self.stopping = False
         self.respawns: deque[float] = deque()
+        self.wake_r = self.wake_w = -1  # the wake-up pipe of signals (run)
 
     def run(self) -> int:
+        self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        signal.set_wakeup_fd(self.wake_w, warn_on_full_buffer=False)
         for signum in FORWARDED_SIGNALS:
             signal.signal(signum, self.forward)
         while True:
@@ -79,6 +83,9 @@ class Supervisor:
         try:
             for signum in FORWARDED_SIGNALS:
                 signal.signal(signum, signal.SIG_DFL)
+            signal.set_wakeup_fd(-1)
+            os.close(self.wake_r)
+            os.close(self.wake_w)
             die_with_parent(parent)
             code = self.work()
         finally:
@@ -88,7 +95,21 @@ class Supervisor:
             os._exit(code)
 
     def wait_worker(self) -> int:
-        """waitpid, retried across the signals we forward (PEP 475)."""
+        """The worker's wait status once it has exited; a signal meanwhile is
+        forwarded at once.
+
+        Not a blocking waitpid: a signal that lands just before the call
+        enters the kernel interrupts nothing, and its Python handler (the
+        forwarding) would only run once the worker had exited by itself,
+        i.e. a stop would wait for systemd's timeout.  The interpreter
+        writes every signal to the wake-up pipe the moment it arrives.
+        """
+        pidfd = os.pidfd_open(self.worker)
+        try:
+            while pidfd not in select.select([pidfd, self.wake_r], [], [])[0]:
+                drain(self.wake_r)  # the handler has run: forwarded
+        finally:
+            os.close(pidfd)
         _, status = os.waitpid(self.worker, 0)
         return status
 
@@ -114,6 +135,15 @@ class Supervisor:
             return False
         self.respawns.append(moment)
         return True
+
+
+def drain(fd: int) -> None:
+    """Empty a non-blocking pipe."""
+    try:
+        while os.read(fd, 64):
+            pass
+    except BlockingIOError:
+        pass
 
 
 def die_with_parent(parent: int) -> None:

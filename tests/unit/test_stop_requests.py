@@ -13,9 +13,10 @@ from ublkd.daemon import StopRequests
 @pytest.fixture
 def stop():
     requests = StopRequests()
-    saved = {signum: signal.signal(signum, requests.record)
-             for signum in (signal.SIGTERM, signal.SIGUSR2)}
+    saved = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGUSR2)}
+    requests.listen(tuple(saved))
     yield requests
+    signal.set_wakeup_fd(-1)
     for signum, handler in saved.items():
         signal.signal(signum, handler)
     os.close(requests.read_fd)
@@ -47,7 +48,9 @@ def test_two_sigterms_back_to_back_wake_the_waiting_loop_once(stop):
 
 def test_sigusr2_asks_for_a_hand_over_and_a_later_sigterm_keeps_it(stop):
     send_later(signal.SIGUSR2, signal.SIGTERM)
+    started = time.monotonic()
     assert stop.wait(60) is True
+    assert time.monotonic() - started < 30  # woken by the pipe, not by the 60 s timeout
     time.sleep(0.1)
     assert stop.hand_over
     assert stop.names() == "SIGUSR2, SIGTERM"
