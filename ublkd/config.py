@@ -27,9 +27,16 @@ SOURCE_EXAMPLE_CONFIG = "conf/vol0.toml.example"
 
 KNOWN_KEYS = (
     "backend", "id", "logical_block_size", "on_give_up", "path",
-    "queue_depth", "queues", "recovery", "size",
+    "queue_depth", "queues", "read_only", "reconnect_timeout", "recovery", "size", "uri",
 )
-BACKENDS = ("file", "null")
+BACKENDS = ("file", "null", "nbd")
+# Config fields newer than the state files of ublkd 0.1, with the value
+# those devices were created with: from_dict fills them in.
+LATER_FIELDS = {"uri": None, "reconnect_timeout": None, "read_only": False}
+DEFAULT_RECONNECT_TIMEOUT = 60.0
+MAX_RECONNECT_TIMEOUT = 365 * 86400.0
+NBD_URI_HELP = ('use "nbd://HOST[:PORT]/EXPORT" or "nbd+unix:///EXPORT?socket=/ABSOLUTE/PATH", '
+                'e.g. "nbd+unix:///?socket=/run/qemu-nbd/vol0.sock"')
 RECOVERY_MODES = ("reissue", "abort", "none")
 GIVE_UP_ACTIONS = ("keep", "delete")
 BLOCK_SIZES = (512, 1024, 2048, 4096)
@@ -73,6 +80,9 @@ class DeviceConfig:
     dev_id: int | None
     on_give_up: str
     source: Path
+    uri: str | None = None  # backend "nbd": the export's NBD URI
+    reconnect_timeout: float | None = None  # backend "nbd": seconds; 0 = forever
+    read_only: bool = False
 
     def to_dict(self) -> dict[str, object]:
         """A JSON-friendly copy, kept in the state file so recovery serves what was created."""
@@ -89,6 +99,7 @@ class DeviceConfig:
         the state loader adds the file's path and the fix.
         """
         names = {field.name for field in fields(cls)}
+        data = {**LATER_FIELDS, **data}
         missing, unknown = sorted(names - set(data)), sorted(set(data) - names)
         if missing or unknown:
             raise ValueError(f"config fields missing: {', '.join(missing) or 'none'}, "
@@ -100,7 +111,11 @@ class DeviceConfig:
         config = cls(**values)
         for field in fields(cls):
             value = getattr(config, field.name)
-            if isinstance(value, bool) or not isinstance(value, field.type):
+            if field.type is bool:
+                wrong = not isinstance(value, bool)
+            else:
+                wrong = isinstance(value, bool) or not isinstance(value, field.type)
+            if wrong:
                 raise ValueError(f"config field '{field.name}' is {_show(data[field.name])}, "
                                  f"expected {getattr(field.type, '__name__', field.type)}")
         return config
@@ -253,6 +268,9 @@ def parse_config(name: str, text: str, source: Path) -> DeviceConfig:
         dev_id=_integer(table, "id", 0, MAX_DEV_ID, None, source),
         on_give_up=_choice(table, "on_give_up", GIVE_UP_ACTIONS, "delete", source),
         source=source,
+        uri=_nbd_uri(table, backend, source),
+        reconnect_timeout=_reconnect_timeout(table, backend, source),
+        read_only=_read_only(table, backend, source),
     )
 
 
@@ -335,12 +353,14 @@ def _integer(table: dict[str, object], key: str, low: int, high: int, default: i
 
 
 def _backing_path(table: dict[str, object], backend: str, source: Path) -> Path | None:
-    """The absolute path of the backing file: required for "file", refused for "null"."""
+    """The absolute path of the backing file: required for "file", refused for the others."""
     value = table.get("path")
-    if backend == "null":
+    if backend != "file":
         if value is not None:
-            raise ConfigError(f'{source}: key \'path\' is not allowed with backend = "null", '
-                              'which has no backing file; remove it or use backend = "file"')
+            has = "its export in 'uri'" if backend == "nbd" else "no backing file"
+            raise ConfigError(f'{source}: key \'path\' is not allowed with backend = '
+                              f'"{backend}", which has {has}; remove it or use '
+                              f'backend = "file"')
         return None
     allowed = 'use the absolute path of the backing file or block device, e.g. "/srv/vol0.img"'
     if value is None:
@@ -352,6 +372,95 @@ def _backing_path(table: dict[str, object], backend: str, source: Path) -> Path 
         raise _invalid(source, "path", value,
                        "is not absolute (the daemon runs in / under systemd)", allowed)
     return Path(value)
+
+
+def _only_for_nbd(table: dict[str, object], key: str, backend: str, source: Path) -> None:
+    """Refuse an NBD key in another backend's config: it would do nothing there."""
+    if backend != "nbd" and key in table:
+        raise ConfigError(f"{source}: key '{key}' is only for backend = \"nbd\"; remove it")
+
+
+def _nbd_uri(table: dict[str, object], backend: str, source: Path) -> str | None:
+    """The NBD URI of the export: required for "nbd", refused for the others.
+
+    Checked without touching the network: the scheme (TLS is not supported
+    yet), a host or an absolute socket path, and nothing libnbd would
+    read from the URI that ublkd does not control (a user, query keys
+    other than `socket`).
+    """
+    _only_for_nbd(table, "uri", backend, source)
+    if backend != "nbd":
+        return None
+    value = table.get("uri")
+    if value is None:
+        raise ConfigError(f'{source}: key \'uri\' is missing, and backend = "nbd" needs it; '
+                          f"{NBD_URI_HELP}")
+    if not isinstance(value, str):
+        raise _invalid(source, "uri", value, f"is {_kind(value)}", NBD_URI_HELP)
+    problem = nbd_uri_problem(value)
+    if problem:
+        raise _invalid(source, "uri", value, problem, NBD_URI_HELP)
+    return value
+
+
+def nbd_uri_problem(uri: str) -> str | None:
+    """What ublkd cannot use in an NBD URI, or None."""
+    from urllib.parse import parse_qs, urlsplit  # only for nbd configs
+
+    try:
+        parts = urlsplit(uri)
+        port = parts.port
+    except ValueError as error:
+        return f"is not a valid URI ({error})"
+    if parts.scheme in ("nbds", "nbds+unix"):
+        return "asks for TLS, which ublkd does not support yet"
+    if parts.scheme not in ("nbd", "nbd+unix"):
+        return f'has the scheme "{parts.scheme}", not nbd or nbd+unix'
+    if parts.username is not None:
+        return "names a user (that is for TLS, which ublkd does not support yet)"
+    if parts.fragment:
+        return "has a fragment (#...)"
+    query = parse_qs(parts.query, keep_blank_values=True)
+    if parts.scheme == "nbd":
+        if not parts.hostname:
+            return "names no host"
+        if query:
+            return f"has query keys ({', '.join(sorted(query))}); nbd:// takes none"
+        if port == 0:
+            return "has port 0"
+        return None
+    if parts.netloc:
+        return f'names a host ("{parts.netloc}"); nbd+unix:// takes a socket path instead'
+    sockets = query.pop("socket", [])
+    if query:
+        return f"has query keys other than socket ({', '.join(sorted(query))})"
+    if len(sockets) != 1 or not os.path.isabs(sockets[0]):
+        return "needs exactly one absolute socket path (?socket=/run/...)"
+    return None
+
+
+def _reconnect_timeout(table: dict[str, object], backend: str, source: Path) -> float | None:
+    """Seconds the NBD backend holds I/O while it reconnects; 0 means forever."""
+    _only_for_nbd(table, "reconnect_timeout", backend, source)
+    if backend != "nbd":
+        return None
+    value = table.get("reconnect_timeout", DEFAULT_RECONNECT_TIMEOUT)
+    allowed = (f"use a number of seconds from 0 to {MAX_RECONNECT_TIMEOUT:.0f} "
+               "(0: hold I/O until the server is back, however long)")
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise _invalid(source, "reconnect_timeout", value, f"is {_kind(value)}", allowed)
+    if not 0 <= value <= MAX_RECONNECT_TIMEOUT:
+        raise _invalid(source, "reconnect_timeout", value, "is out of range", allowed)
+    return float(value)
+
+
+def _read_only(table: dict[str, object], backend: str, source: Path) -> bool:
+    """Whether the device is read-only (the NBD export may be)."""
+    _only_for_nbd(table, "read_only", backend, source)
+    value = table.get("read_only", False)
+    if not isinstance(value, bool):
+        raise _invalid(source, "read_only", value, f"is {_kind(value)}", "use true or false")
+    return value
 
 
 def _device_size(table: dict[str, object], backend: str, block_size: int,

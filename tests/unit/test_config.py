@@ -121,8 +121,9 @@ def test_bad_values_name_key_value_and_what_is_allowed(key, value, problem, allo
 
 
 def test_backend_is_required_and_checked():
-    assert "key 'backend' is missing; use \"file\" or \"null\"" in config_error("size = 4096\n")
-    assert "key 'backend' = \"nbd\" is not allowed" in config_error('backend = "nbd"\n')
+    assert ("key 'backend' is missing; use \"file\", \"null\" or \"nbd\""
+            in config_error("size = 4096\n"))
+    assert "key 'backend' = \"rbd\" is not allowed" in config_error('backend = "rbd"\n')
 
 
 def test_file_backend_needs_an_absolute_path():
@@ -315,3 +316,91 @@ def test_config_owned_by_another_user_is_refused(tmp_path):
 def owner_of(path: Path) -> str:
     uid = path.stat().st_uid
     return f"uid {uid} ({pwd.getpwuid(uid).pw_name})"
+
+
+NBD_BACKEND = 'backend = "nbd"\nuri = "nbd+unix:///vol?socket=/run/nbd/vol0.sock"\n'
+
+
+def test_nbd_backend_defaults():
+    parsed = parse(NBD_BACKEND)
+    assert (parsed.backend, parsed.uri, parsed.reconnect_timeout, parsed.read_only,
+            parsed.path, parsed.size) == (
+        "nbd", "nbd+unix:///vol?socket=/run/nbd/vol0.sock", 60.0, False, None, None)
+
+
+@pytest.mark.parametrize("uri", [
+    "nbd://server.example/vol", "nbd://127.0.0.1:10810/vol", "nbd://[::1]:10809/",
+    "nbd://host", "nbd+unix:///?socket=/run/x.sock", "nbd+unix://?socket=/run/x.sock",
+])
+def test_nbd_uris_ublkd_can_use(uri):
+    assert parse(f'backend = "nbd"\nuri = "{uri}"\n').uri == uri
+
+
+@pytest.mark.parametrize("uri, problem", [
+    ("nbds://host/vol", "asks for TLS, which ublkd does not support yet"),
+    ("nbds+unix:///?socket=/run/x.sock", "asks for TLS"),
+    ("nbd+vsock://2/vol", 'has the scheme "nbd+vsock"'),
+    ("http://host/vol", 'has the scheme "http"'),
+    ("nbd://user@host/vol", "names a user"),
+    ("nbd:///vol", "names no host"),
+    ("nbd://host/vol?tls=off", "has query keys (tls)"),
+    ("nbd://host:99999/vol", "is not a valid URI"),
+    ("nbd+unix:///vol", "needs exactly one absolute socket path"),
+    ("nbd+unix:///vol?socket=run/x.sock", "needs exactly one absolute socket path"),
+    ("nbd+unix:///vol?socket=/a&socket=/b", "needs exactly one absolute socket path"),
+    ("nbd+unix://host/vol?socket=/run/x.sock", 'names a host ("host")'),
+    ("nbd+unix:///vol?socket=/run/x.sock&tls-certificates=/x",
+     "has query keys other than socket (tls-certificates)"),
+])
+def test_nbd_uris_ublkd_refuses_say_why_and_how(uri, problem):
+    message = config_error(f'backend = "nbd"\nuri = "{uri}"\n')
+    assert f"key 'uri' = \"{uri}\" {problem}" in message and "nbd+unix:///" in message
+
+
+def test_nbd_backend_needs_a_uri_and_refuses_a_path():
+    assert "key 'uri' is missing" in config_error('backend = "nbd"\n')
+    message = config_error(NBD_BACKEND + 'path = "/srv/vol0.img"\n')
+    assert "key 'path' is not allowed with backend = \"nbd\", which has its export" in message
+
+
+@pytest.mark.parametrize("key, value", [("uri", '"nbd://host/vol"'),
+                                        ("reconnect_timeout", "5"), ("read_only", "true")])
+def test_nbd_keys_are_refused_for_other_backends(key, value):
+    message = config_error(f"{FILE_BACKEND}{key} = {value}\n")
+    assert f"key '{key}' is only for backend = \"nbd\"; remove it" in message
+
+
+@pytest.mark.parametrize("value, expected", [("0", 0.0), ("2.5", 2.5), ("3600", 3600.0)])
+def test_reconnect_timeout(value, expected):
+    assert parse(NBD_BACKEND + f"reconnect_timeout = {value}\n").reconnect_timeout == expected
+
+
+@pytest.mark.parametrize("value, problem", [("-1", "is out of range"), ('"60"', "is a string"),
+                                            ("true", "is a boolean"), ("1e12", "out of range")])
+def test_bad_reconnect_timeouts(value, problem):
+    message = config_error(NBD_BACKEND + f"reconnect_timeout = {value}\n")
+    assert problem in message and "0: hold I/O until the server is back" in message
+
+
+def test_read_only_is_a_boolean():
+    assert parse(NBD_BACKEND + "read_only = true\n").read_only is True
+    assert "key 'read_only' = 1 is an integer; use true or false" in config_error(
+        NBD_BACKEND + "read_only = 1\n")
+
+
+def test_nbd_config_round_trips_through_json():
+    parsed = parse(NBD_BACKEND + "reconnect_timeout = 0\nread_only = true\n")
+    assert DeviceConfig.from_dict(json.loads(json.dumps(parsed.to_dict()))) == parsed
+
+
+def test_state_files_of_ublkd_0_1_lack_the_nbd_fields_and_still_load():
+    data = parse(FILE_BACKEND).to_dict()
+    for key in ("uri", "reconnect_timeout", "read_only"):
+        del data[key]
+    assert DeviceConfig.from_dict(data) == parse(FILE_BACKEND)
+
+
+def test_from_dict_rejects_a_read_only_that_is_not_a_boolean():
+    data = {**parse(NBD_BACKEND).to_dict(), "read_only": 1}
+    with pytest.raises(ValueError, match="config field 'read_only' is 1, expected bool"):
+        DeviceConfig.from_dict(data)
