@@ -41,6 +41,15 @@ HOST_PACKAGES = (
     "util-linux",
     "strace",
     "udev",
+    # NBD servers and clients for the nbd backend's tests and benchmark
+    # (docs/nbd.md): qemu-nbd, nbdkit, nbd-server, the kernel's client,
+    # nbdinfo, and libnbd's header for the constants test.
+    "qemu-utils",
+    "nbdkit",
+    "nbd-server",
+    "nbd-client",
+    "libnbd-bin",
+    "libnbd-dev",
 )
 
 # Modules the initramfs loads to reach the 9p root; everything else comes
@@ -50,7 +59,8 @@ INITRAMFS_MODULES = ("netfs", "9pnet", "9pnet_virtio", "9p", "overlay")
 # Units masked in the guest.  systemd-tmpfiles-setup walks the whole 9p root
 # and took 20 of the 28 s of userspace boot; the host root already has the
 # directories it would create, and /run and /tmp start empty anyway.
-MASKED_UNITS = ("systemd-tmpfiles-setup.service",)
+# nbd-server and nbd-client come enabled: the tests start their own servers.
+MASKED_UNITS = ("systemd-tmpfiles-setup.service", "nbd-server.service", "nbd-client.service")
 
 KERNEL_PACKAGE_RE = re.compile(r"^linux-image-(6\.12\.(\d+)\+deb12)-amd64-unsigned$")
 
