@@ -1,0 +1,617 @@
+/* The io_uring helpers and the per-queue serving loop; see ublkd_uring.h. */
+#include "ublkd_uring.h"
+/* Command area of a uring_cmd SQE: from byte 48 to the end of the entry. */
+#define UBLKD_CMD_AREA_64 16
+#define UBLKD_CMD_AREA_128 80
+
+/* The 16-byte struct ublksrv_io_cmd, spelled out so that the build does not
+ * depend on which <linux/ublk_cmd.h> the host has. */
+struct ublkd_io_cmd {
+	uint16_t q_id;
+	uint16_t tag;
+	int32_t result;
+	uint64_t addr;
+};
+
+struct io_uring *ublkd_ring_new(unsigned entries, unsigned flags, int *err)
+{
+	struct io_uring *ring = calloc(1, sizeof(*ring));
+	int ret;
+
+	if (!ring) {
+		*err = -ENOMEM;
+		return NULL;
+	}
+	ret = io_uring_queue_init(entries, ring, flags);
+	if (ret < 0) {
+		free(ring);
+		*err = ret;
+		return NULL;
+	}
+	*err = 0;
+	return ring;
+}
+
+void ublkd_ring_free(struct io_uring *ring)
+{
+	io_uring_queue_exit(ring);
+	free(ring);
+}
+
+int ublkd_ring_fd(struct io_uring *ring) { return ring->ring_fd; }
+unsigned ublkd_ring_flags(struct io_uring *ring) { return ring->flags; }
+unsigned ublkd_sq_entries(struct io_uring *ring) { return ring->sq.ring_entries; }
+unsigned ublkd_cq_entries(struct io_uring *ring) { return ring->cq.ring_entries; }
+unsigned ublkd_sq_space(struct io_uring *ring) { return io_uring_sq_space_left(ring); }
+unsigned ublkd_cq_ready(struct io_uring *ring) { return io_uring_cq_ready(ring); }
+
+/* A free SQE; when the SQ is full, what is queued goes to the kernel first
+ * (without SQPOLL the kernel consumes it during the call, so the retry
+ * finds room).  NULL with *err set if even that fails. */
+static struct io_uring_sqe *ublkd_sqe(struct io_uring *ring, int *err)
+{
+	struct io_uring_sqe *sqe;
+	int ret;
+
+	if (!ring) {	/* closed: Ring.close() leaves NULL behind */
+		*err = -EBADFD;
+		return NULL;
+	}
+	sqe = io_uring_get_sqe(ring);
+	if (sqe)
+		return sqe;
+	ret = io_uring_submit(ring);
+	if (ret < 0) {
+		*err = ret;
+		return NULL;
+	}
+	sqe = io_uring_get_sqe(ring);
+	if (!sqe)
+		*err = -EBUSY;
+	return sqe;
+}
+
+int ublkd_prep_nop(struct io_uring *ring, uint64_t user_data)
+{
+	int err = 0;
+	struct io_uring_sqe *sqe = ublkd_sqe(ring, &err);
+
+	if (!sqe)
+		return err;
+	io_uring_prep_nop(sqe);
+	io_uring_sqe_set_data64(sqe, user_data);
+	return 0;
+}
+
+int ublkd_prep_read(struct io_uring *ring, int fd, uint64_t addr, unsigned len,
+		    uint64_t offset, uint64_t user_data)
+{
+	int err = 0;
+	struct io_uring_sqe *sqe = ublkd_sqe(ring, &err);
+
+	if (!sqe)
+		return err;
+	io_uring_prep_read(sqe, fd, (void *)(uintptr_t)addr, len, offset);
+	io_uring_sqe_set_data64(sqe, user_data);
+	return 0;
+}
+
+int ublkd_prep_write(struct io_uring *ring, int fd, uint64_t addr, unsigned len,
+		     uint64_t offset, uint64_t user_data)
+{
+	int err = 0;
+	struct io_uring_sqe *sqe = ublkd_sqe(ring, &err);
+
+	if (!sqe)
+		return err;
+	io_uring_prep_write(sqe, fd, (const void *)(uintptr_t)addr, len, offset);
+	io_uring_sqe_set_data64(sqe, user_data);
+	return 0;
+}
+
+int ublkd_prep_fsync(struct io_uring *ring, int fd, unsigned flags,
+		     uint64_t user_data)
+{
+	int err = 0;
+	struct io_uring_sqe *sqe = ublkd_sqe(ring, &err);
+
+	if (!sqe)
+		return err;
+	io_uring_prep_fsync(sqe, fd, flags);
+	io_uring_sqe_set_data64(sqe, user_data);
+	return 0;
+}
+
+int ublkd_prep_fallocate(struct io_uring *ring, int fd, int mode,
+			 uint64_t offset, uint64_t len, uint64_t user_data)
+{
+	int err = 0;
+	struct io_uring_sqe *sqe = ublkd_sqe(ring, &err);
+
+	if (!sqe)
+		return err;
+	io_uring_prep_fallocate(sqe, fd, mode, (off_t)offset, (off_t)len);
+	io_uring_sqe_set_data64(sqe, user_data);
+	return 0;
+}
+
+/* IORING_OP_URING_CMD with a cleared command area: liburing 2.3 has no
+ * prep helper for it.  Returns the area so the caller can fill it. */
+static uint8_t *ublkd_prep_cmd(struct io_uring *ring, struct io_uring_sqe *sqe,
+			       int fd, uint32_t cmd_op, uint64_t user_data)
+{
+	io_uring_prep_rw(IORING_OP_URING_CMD, sqe, fd, NULL, 0, 0);
+	sqe->cmd_op = cmd_op;
+	io_uring_sqe_set_data64(sqe, user_data);
+	if (ring->flags & IORING_SETUP_SQE128)
+		memset(sqe->cmd, 0, UBLKD_CMD_AREA_128);
+	return sqe->cmd;
+}
+
+int ublkd_prep_uring_cmd(struct io_uring *ring, int fd, uint32_t cmd_op,
+			 const char *payload, unsigned size, uint64_t user_data)
+{
+	int err = 0;
+	struct io_uring_sqe *sqe;
+
+	/* Checked before taking an SQE, which cannot be given back. */
+	if (ring && size > ((ring->flags & IORING_SETUP_SQE128) ?
+			    UBLKD_CMD_AREA_128 : UBLKD_CMD_AREA_64))
+		return -EMSGSIZE;
+	sqe = ublkd_sqe(ring, &err);
+	if (!sqe)
+		return err;
+	memcpy(ublkd_prep_cmd(ring, sqe, fd, cmd_op, user_data), payload, size);
+	return 0;
+}
+
+int ublkd_prep_ublk_io(struct io_uring *ring, int fd, uint32_t cmd_op,
+		       uint16_t q_id, uint16_t tag, int32_t result,
+		       uint64_t addr, uint64_t user_data)
+{
+	int err = 0;
+	struct io_uring_sqe *sqe = ublkd_sqe(ring, &err);
+	struct ublkd_io_cmd *cmd;
+
+	if (!sqe)
+		return err;
+	cmd = (struct ublkd_io_cmd *)ublkd_prep_cmd(ring, sqe, fd, cmd_op, user_data);
+	cmd->q_id = q_id;
+	cmd->tag = tag;
+	cmd->result = result;
+	cmd->addr = addr;
+	return 0;
+}
+
+/* Submit, then wait up to timeout_ns for wait_nr completions (-ETIME if
+ * they did not come); a negative timeout waits without limit. */
+int ublkd_submit_and_wait_timeout(struct io_uring *ring, unsigned wait_nr,
+				  int64_t timeout_ns)
+{
+	struct __kernel_timespec ts;
+	struct io_uring_cqe *cqe = NULL;
+
+	if (timeout_ns < 0)
+		return io_uring_submit_and_wait(ring, wait_nr);
+	ts.tv_sec = timeout_ns / 1000000000;
+	ts.tv_nsec = timeout_ns % 1000000000;
+	return io_uring_submit_and_wait_timeout(ring, &cqe, wait_nr, &ts, NULL);
+}
+
+/* Copy up to max ready CQEs out and mark them seen, all in one call. */
+unsigned ublkd_reap(struct io_uring *ring, uint64_t *user_data, int32_t *res,
+		    unsigned max)
+{
+	struct io_uring_cqe *cqe;
+	unsigned head, n = 0;
+
+	io_uring_for_each_cqe(ring, head, cqe) {
+		if (n == max)
+			break;
+		user_data[n] = cqe->user_data;
+		res[n] = cqe->res;
+		n++;
+	}
+	io_uring_cq_advance(ring, n);
+	return n;
+}
+int ublkd_register_files(struct io_uring *ring, const int *fds, unsigned n)
+{
+	if (!ring)
+		return -EBADFD;
+	return io_uring_register_files(ring, fds, n);
+}
+
+/* ---- The serving loop of one ublk queue -------------------------------
+ *
+ * Everything a request needs on its common path happens here, with the
+ * GIL released (cffi drops it around every call): reap the CQEs, decode
+ * the descriptor of each fetched tag, start the backend's I/O (or answer
+ * at once), and queue COMMIT_AND_FETCH for every finished one; the next
+ * io_uring_enter submits the whole batch and waits for the next.  Python
+ * sees only "events": ublk completions it must handle itself (ABORT,
+ * errors, requests of a backend or an op this loop does not know).
+ * docs/performance.md has the numbers that put this loop in C.
+ *
+ * Buffers.  Without NEED_GET_DATA the kernel copies a WRITE's data into
+ * the address given with the tag's previous COMMIT_AND_FETCH, before we
+ * know the size: every tag needs its own buffer of the largest request,
+ * and resident memory grows to depth x the largest request seen.  With
+ * UBLK_F_NEED_GET_DATA ("pool" mode) a WRITE first comes back as
+ * NEED_GET_DATA and we name the buffer then, and a READ's buffer is named
+ * by its COMMIT: buffers come from a LIFO pool when a request needs one
+ * and go back once the kernel has copied out of them, so only about as
+ * many as there are requests in flight are ever touched.
+ */
+
+#define UBLKD_IO_RES_OK 0
+#define UBLKD_IO_RES_NEED_GET_DATA 1
+#define UBLKD_OP_READ 0
+#define UBLKD_OP_WRITE 1
+#define UBLKD_OP_FLUSH 2
+#define UBLKD_OP_DISCARD 3
+#define UBLKD_OP_WRITE_ZEROES 5
+#define UBLKD_FALLOC_KEEP_SIZE 0x01
+#define UBLKD_FALLOC_PUNCH_HOLE 0x02
+#define UBLKD_FALLOC_ZERO_RANGE 0x10
+
+
+
+struct ublkd_io_desc {
+	uint32_t op_flags;
+	uint32_t nr_sectors;
+	uint64_t start_sector;
+	uint64_t addr;
+};
+
+uint64_t ublkd_now_ns(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (uint64_t)ts.tv_sec * 1000000000ULL + (uint64_t)ts.tv_nsec;
+}
+
+/* Per-tag state; the pool is set up by Python (slot[] = -1 or the tag). */
+void ublkd_queue_init_slots(struct ublkd_queue *q)
+{
+	unsigned i;
+
+	q->nfree = q->nreleased = 0;
+	for (i = 0; i < q->depth; i++) {
+		q->slot[i] = q->pool ? -1 : (int32_t)i;
+		if (q->pool)	/* LIFO: buffer 0 on top, so low buffers stay hot */
+			q->free_slots[q->nfree++] = q->depth - 1 - i;
+	}
+}
+
+static inline void ublkd_set_started(struct ublkd_queue *q, unsigned tag, uint64_t t)
+{
+	if (!q->started[tag] != !t)
+		q->busy += t ? 1 : -1;
+	__atomic_store_n(&q->started[tag], t, __ATOMIC_RELAXED);
+}
+
+static void ublkd_free_released(struct ublkd_queue *q)
+{
+	while (q->nreleased)
+		q->free_slots[q->nfree++] = q->released[--q->nreleased];
+}
+
+/* The buffer of tag, taken from the pool if it has none yet; 0 if none
+ * can be had (cannot happen: there are as many buffers as tags). */
+static uint64_t ublkd_take_buffer(struct ublkd_queue *q, unsigned tag)
+{
+	if (q->slot[tag] < 0) {
+		if (!q->nfree && q->nreleased) {
+			/* Their COMMITs are queued: once submitted, the kernel
+			 * has copied out of them (it does so while handling the
+			 * command, in this thread). */
+			if (io_uring_submit(q->ring) < 0)
+				return 0;
+			ublkd_free_released(q);
+		}
+		if (!q->nfree)
+			return 0;
+		q->slot[tag] = q->free_slots[--q->nfree];
+	}
+	return q->buf_base + (uint64_t)q->slot[tag] * q->buf_size;
+}
+
+/* The address of tag's buffer, 0 if it has none. */
+uint64_t ublkd_queue_buffer(struct ublkd_queue *q, uint16_t tag)
+{
+	if (q->slot[tag] < 0)
+		return 0;
+	return q->buf_base + (uint64_t)q->slot[tag] * q->buf_size;
+}
+
+static int ublkd_prep_io_cmd(struct ublkd_queue *q, uint32_t op, uint16_t tag,
+			     int32_t result, uint64_t addr)
+{
+	int err = 0;
+	struct io_uring_sqe *sqe = ublkd_sqe(q->ring, &err);
+	struct ublkd_io_cmd *cmd;
+
+	if (!sqe)
+		return err;
+	cmd = (struct ublkd_io_cmd *)ublkd_prep_cmd(q->ring, sqe, q->char_fd, op, tag);
+	if (q->char_fixed)
+		sqe->flags |= IOSQE_FIXED_FILE;
+	cmd->q_id = q->q_id;
+	cmd->tag = tag;
+	cmd->result = result;
+	cmd->addr = addr;
+	return 0;
+}
+
+int ublkd_queue_commit(struct ublkd_queue *q, uint16_t tag, int32_t result)
+{
+	uint64_t addr = ublkd_queue_buffer(q, tag);
+	int ret;
+
+	/* A READ's COMMIT must name a buffer even when it failed (the kernel
+	 * copies nothing then): the tag's own range, never used in pool mode. */
+	if (!addr && q->pool && result < 0)
+		addr = q->buf_base + (uint64_t)tag * q->buf_size;
+	ret = ublkd_prep_io_cmd(q, q->commit_op, tag, result, addr);
+	if (ret)
+		return ret;
+	if (q->pool && q->slot[tag] >= 0) {
+		q->released[q->nreleased++] = q->slot[tag];
+		q->slot[tag] = -1;
+	}
+	ublkd_set_started(q, tag, 0);
+	return 0;
+}
+
+static void ublkd_event(struct ublkd_queue *q, uint64_t user_data, int32_t res)
+{
+	q->ev_ud[q->ev_n] = user_data;
+	q->ev_res[q->ev_n] = res;
+	q->ev_n++;
+	q->nr_python++;
+}
+
+static int ublkd_inline_io(struct ublkd_queue *q, unsigned op, void *buf,
+			   size_t len, off_t offset)
+{
+	size_t done = 0;
+	ssize_t n;
+
+	while (done < len) {
+		if (op == UBLKD_OP_READ)
+			n = pread(q->backend_raw_fd, (char *)buf + done, len - done, offset + done);
+		else
+			n = pwrite(q->backend_raw_fd, (char *)buf + done, len - done, offset + done);
+		if (n < 0) {
+			if (errno == EINTR)
+				continue;
+			return done ? (int)done : -errno;
+		}
+		if (n == 0)
+			break;
+		done += n;
+	}
+	return (int)done;
+}
+
+/* The file backend: 1 when an SQE tagged tag|BACKEND_IO was queued, 0 when
+ * the answer is in *res already, -1 when Python must handle the op, -2
+ * (with *err) when no SQE could be had. */
+static int ublkd_file_io(struct ublkd_queue *q, unsigned tag,
+			 const struct ublkd_io_desc *d, void *buf, int *res, int *err)
+{
+	unsigned op = d->op_flags & 0xff;
+	uint64_t offset = d->start_sector << 9;
+	uint64_t len = (uint64_t)d->nr_sectors << 9;
+	struct io_uring_sqe *sqe;
+
+	if (op == UBLKD_OP_READ || op == UBLKD_OP_WRITE) {
+		if (q->backend_inline) {
+			*res = ublkd_inline_io(q, op, buf, len, offset);
+			return 0;
+		}
+	} else if (op == UBLKD_OP_DISCARD && !q->backend_punch_hole) {
+		*res = 0;	/* a hint: doing nothing is a valid answer */
+		return 0;
+	} else if (op == UBLKD_OP_WRITE_ZEROES && !q->backend_zero_range) {
+		return -1;	/* Python writes the zeros */
+	} else if (op != UBLKD_OP_FLUSH && op != UBLKD_OP_DISCARD &&
+		   op != UBLKD_OP_WRITE_ZEROES) {
+		return -1;
+	}
+	sqe = ublkd_sqe(q->ring, err);
+	if (!sqe)
+		return -2;
+	switch (op) {
+	case UBLKD_OP_READ:
+		io_uring_prep_read(sqe, q->backend_fd, buf, len, offset);
+		break;
+	case UBLKD_OP_WRITE:
+		io_uring_prep_write(sqe, q->backend_fd, buf, len, offset);
+		break;
+	case UBLKD_OP_FLUSH:
+		io_uring_prep_fsync(sqe, q->backend_fd, IORING_FSYNC_DATASYNC);
+		break;
+	case UBLKD_OP_DISCARD:
+		io_uring_prep_fallocate(sqe, q->backend_fd,
+					UBLKD_FALLOC_PUNCH_HOLE | UBLKD_FALLOC_KEEP_SIZE,
+					(off_t)offset, (off_t)len);
+		break;
+	default: /* WRITE_ZEROES */
+		io_uring_prep_fallocate(sqe, q->backend_fd,
+					UBLKD_FALLOC_ZERO_RANGE | UBLKD_FALLOC_KEEP_SIZE,
+					(off_t)offset, (off_t)len);
+		break;
+	}
+	if (q->backend_fixed)
+		sqe->flags |= IOSQE_FIXED_FILE;
+	io_uring_sqe_set_data64(sqe, UBLKD_BACKEND_IO | tag);
+	return 1;
+}
+
+/* A fetched request on tag (its data, for a WRITE, in its buffer): start
+ * it, answer it, or hand it to Python. */
+static int ublkd_dispatch(struct ublkd_queue *q, unsigned tag, uint64_t now)
+{
+	const struct ublkd_io_desc *d =
+		(const struct ublkd_io_desc *)(q->descs + (size_t)tag * sizeof(*d));
+	unsigned op = d->op_flags & 0xff;
+	uint64_t len = (uint64_t)d->nr_sectors << 9;
+	int res = 0, err = 0, ret;
+	void *buf = NULL;
+
+	ublkd_set_started(q, tag, now);
+	if (op == UBLKD_OP_READ || op == UBLKD_OP_WRITE) {
+		uint64_t addr;
+
+		if (q->pool && op == UBLKD_OP_WRITE && q->slot[tag] < 0)
+			return ublkd_queue_commit(q, tag, -EIO);	/* no NEED_GET_DATA came */
+		addr = ublkd_take_buffer(q, tag);
+
+		if (!addr)
+			return ublkd_queue_commit(q, tag, -ENOMEM);
+		if (len > q->buf_size)
+			return ublkd_queue_commit(q, tag, -EINVAL);
+		buf = (void *)(uintptr_t)addr;
+	}
+	switch (q->backend_kind) {
+	case UBLKD_KIND_FILE:
+		ret = ublkd_file_io(q, tag, d, buf, &res, &err);
+		if (ret == 1)
+			return 0;	/* in flight; its CQE commits */
+		if (ret == -2)
+			return err;
+		if (ret == -1)
+			break;
+		q->nr_io++;
+		return ublkd_queue_commit(q, tag, res);
+	case UBLKD_KIND_NULL:
+		if (op == UBLKD_OP_READ) {	/* the buffer may hold an old write */
+			memset(buf, 0, len);
+			res = (int)len;
+		} else if (op == UBLKD_OP_WRITE) {
+			res = (int)len;
+		} else if (op != UBLKD_OP_FLUSH && op != UBLKD_OP_DISCARD &&
+			   op != UBLKD_OP_WRITE_ZEROES) {
+			break;
+		}
+		q->nr_io++;
+		return ublkd_queue_commit(q, tag, res);
+	}
+	ublkd_event(q, tag, UBLKD_IO_RES_OK);	/* Python's backend decides */
+	return 0;
+}
+
+/* NEED_GET_DATA: a WRITE came in; name the buffer its data goes to. */
+static int ublkd_get_data(struct ublkd_queue *q, unsigned tag)
+{
+	uint64_t addr = ublkd_take_buffer(q, tag);
+
+	if (!addr)
+		return -ENOMEM;
+	q->nr_get_data++;
+	return ublkd_prep_io_cmd(q, q->get_data_op, tag, 0, addr);
+}
+
+/* Handle the ready CQEs, as many as the event array has room for. */
+static int ublkd_queue_handle(struct ublkd_queue *q, uint64_t now)
+{
+	struct io_uring_cqe *cqe;
+	unsigned head, n = 0;
+	int ret = 0;
+
+	io_uring_for_each_cqe(q->ring, head, cqe) {
+		uint64_t ud = cqe->user_data;
+		unsigned tag = ud & UBLKD_TAG_MASK;
+
+		if (q->ev_n >= q->ev_max)
+			break;
+		n++;
+		if (ud & UBLKD_BACKEND_IO) {
+			q->nr_io++;
+			ret = ublkd_queue_commit(q, tag, cqe->res);
+		} else if (tag >= q->depth) {
+			ublkd_event(q, ud, cqe->res);
+		} else if (__atomic_load_n(&q->handover, __ATOMIC_RELAXED) &&
+			   (cqe->res == UBLKD_IO_RES_OK ||
+			    (cqe->res == UBLKD_IO_RES_NEED_GET_DATA && q->slot[tag] < 0))) {
+			/* Handing over: the request stays fetched, unanswered;
+			 * the kernel re-issues it to the next server. */
+		} else if (cqe->res == UBLKD_IO_RES_OK) {
+			ret = ublkd_dispatch(q, tag, now);
+		} else if (cqe->res == UBLKD_IO_RES_NEED_GET_DATA && q->pool) {
+			ret = ublkd_get_data(q, tag);
+		} else {	/* ABORT, errors */
+			ublkd_event(q, ud, cqe->res);
+		}
+		if (ret < 0)
+			break;
+	}
+	io_uring_cq_advance(q->ring, n);
+	return ret;
+}
+
+/* Serve until Python has events to handle (returns how many), nothing came
+ * for wait_ns, budget_ns passed, or a hand-over has nothing left in flight
+ * (returns 0); negative errno if the ring fails.  Events are in
+ * ev_ud/ev_res[0 .. return value). */
+int ublkd_queue_serve(struct ublkd_queue *q, int64_t wait_ns, int64_t budget_ns)
+{
+	uint64_t now = ublkd_now_ns();
+	uint64_t deadline = now + (uint64_t)budget_ns;
+	struct __kernel_timespec ts;
+	struct io_uring_cqe *cqe;
+	int64_t left;
+	int ret;
+
+	if (!q->ring)
+		return -EBADFD;
+	q->ev_n = 0;
+	for (;;) {
+		if (!q->busy && __atomic_load_n(&q->handover, __ATOMIC_RELAXED)) {
+			ret = io_uring_submit(q->ring);	/* the last commits */
+			return ret < 0 ? ret : 0;
+		}
+		left = (int64_t)(deadline - now);
+		if (left > wait_ns)
+			left = wait_ns;
+		if (left < 0)
+			left = 0;
+		ts.tv_sec = left / 1000000000;
+		ts.tv_nsec = left % 1000000000;
+		q->nr_waits++;
+		ret = io_uring_submit_and_wait_timeout(q->ring, &cqe, 1, &ts, NULL);
+		if (ret < 0 && ret != -ETIME && ret != -EINTR)
+			return ret;
+		/* What was committed before this enter has been submitted by it. */
+		ublkd_free_released(q);
+		now = ublkd_now_ns();
+		if (io_uring_cq_ready(q->ring)) {
+			int err = ublkd_queue_handle(q, now);
+
+			if (err < 0)
+				return err;
+		} else if (ret == -ETIME) {
+			return q->ev_n;	/* idle for wait_ns */
+		}
+		if (q->ev_n || now >= deadline)
+			return q->ev_n;
+	}
+}
+
+/* CLOCK_MONOTONIC ns at which the oldest request now in the server came
+ * in, 0 if none.  Called from other threads: relaxed atomic loads. */
+uint64_t ublkd_queue_oldest(struct ublkd_queue *q)
+{
+	uint64_t oldest = 0, t;
+	unsigned i;
+
+	for (i = 0; i < q->depth; i++) {
+		t = __atomic_load_n(&q->started[i], __ATOMIC_RELAXED);
+		if (t && (!oldest || t < oldest))
+			oldest = t;
+	}
+	return oldest;
+}

@@ -1,0 +1,93 @@
+/* ublkd's C side of ublkd/kernel/uring.py: the io_uring helpers and the
+ * per-queue serving loop (ublkd_uring.c).  The cffi declarations in
+ * _uring_build.py (CDEF) mirror this header; the build checks they agree. */
+#ifndef UBLKD_URING_H
+#define UBLKD_URING_H
+
+#include <errno.h>
+#include <stdint.h>
+#include <time.h>
+#include <unistd.h>
+#include <stdlib.h>
+#include <string.h>
+#include <liburing.h>
+
+#define UBLKD_BACKEND_IO (1ULL << 32)
+#define UBLKD_TAG_MASK 0xffffULL
+#define UBLKD_KIND_PYTHON 0
+#define UBLKD_KIND_FILE 1
+#define UBLKD_KIND_NULL 2
+
+struct ublkd_queue {
+	struct io_uring *ring;
+	const uint8_t *descs;	/* the mmap'd struct ublksrv_io_desc array */
+	uint64_t buf_base;	/* buffer i: buf_base + i * buf_size, i < depth */
+	uint32_t buf_size;
+	uint32_t commit_op;	/* COMMIT_AND_FETCH_REQ, legacy or ioctl form */
+	uint32_t get_data_op;	/* NEED_GET_DATA, same form */
+	int pool;		/* NEED_GET_DATA device: buffers from the pool */
+	int char_fd;		/* /dev/ublkcN: fd, or fixed-file index */
+	int char_fixed;
+	int backend_kind;	/* UBLKD_KIND_* */
+	int backend_fd;		/* file backend: fd, or fixed-file index */
+	int backend_fixed;
+	int backend_inline;	/* pread/pwrite here instead of io_uring */
+	int backend_raw_fd;	/* the plain fd, for inline I/O */
+	int backend_punch_hole;	/* DISCARD by FALLOC_FL_PUNCH_HOLE, else nothing */
+	int backend_zero_range;	/* WRITE_ZEROES by FALLOC_FL_ZERO_RANGE, else Python */
+	uint16_t q_id;
+	uint16_t depth;
+	uint64_t *started;	/* per tag: CLOCK_MONOTONIC ns the request came in, 0 = idle */
+	unsigned busy;		/* tags with a request in the server (started != 0) */
+	int handover;		/* leave new requests fetched, return once busy == 0 */
+	int32_t *slot;		/* per tag: its buffer, -1 none (pool mode) */
+	int32_t *free_slots;	/* pool: stack of free buffers */
+	unsigned nfree;
+	int32_t *released;	/* pool: committed, free after the next submit */
+	unsigned nreleased;
+	uint64_t *ev_ud;	/* events for Python */
+	int32_t *ev_res;
+	unsigned ev_max;
+	unsigned ev_n;
+	uint64_t nr_io;		/* requests answered without Python */
+	uint64_t nr_python;	/* events handed to Python */
+	uint64_t nr_waits;	/* io_uring_enter calls */
+	uint64_t nr_get_data;	/* NEED_GET_DATA round trips */
+};
+
+struct io_uring *ublkd_ring_new(unsigned entries, unsigned flags, int *err);
+void ublkd_ring_free(struct io_uring *ring);
+int ublkd_ring_fd(struct io_uring *ring);
+unsigned ublkd_ring_flags(struct io_uring *ring);
+unsigned ublkd_sq_entries(struct io_uring *ring);
+unsigned ublkd_cq_entries(struct io_uring *ring);
+unsigned ublkd_sq_space(struct io_uring *ring);
+unsigned ublkd_cq_ready(struct io_uring *ring);
+int ublkd_prep_nop(struct io_uring *ring, uint64_t user_data);
+int ublkd_prep_read(struct io_uring *ring, int fd, uint64_t addr, unsigned len,
+                    uint64_t offset, uint64_t user_data);
+int ublkd_prep_write(struct io_uring *ring, int fd, uint64_t addr, unsigned len,
+                     uint64_t offset, uint64_t user_data);
+int ublkd_prep_fsync(struct io_uring *ring, int fd, unsigned flags,
+                     uint64_t user_data);
+int ublkd_prep_fallocate(struct io_uring *ring, int fd, int mode,
+                         uint64_t offset, uint64_t len, uint64_t user_data);
+int ublkd_prep_uring_cmd(struct io_uring *ring, int fd, uint32_t cmd_op,
+                         const char *payload, unsigned size,
+                         uint64_t user_data);
+int ublkd_prep_ublk_io(struct io_uring *ring, int fd, uint32_t cmd_op,
+                       uint16_t q_id, uint16_t tag, int32_t result,
+                       uint64_t addr, uint64_t user_data);
+int ublkd_submit_and_wait_timeout(struct io_uring *ring, unsigned wait_nr,
+                                  int64_t timeout_ns);
+unsigned ublkd_reap(struct io_uring *ring, uint64_t *user_data, int32_t *res,
+                    unsigned max);
+int ublkd_register_files(struct io_uring *ring, const int *fds, unsigned n);
+void ublkd_queue_init_slots(struct ublkd_queue *q);
+int ublkd_queue_serve(struct ublkd_queue *q, int64_t wait_ns, int64_t budget_ns);
+int ublkd_queue_commit(struct ublkd_queue *q, uint16_t tag, int32_t result);
+uint64_t ublkd_queue_buffer(struct ublkd_queue *q, uint16_t tag);
+uint64_t ublkd_queue_oldest(struct ublkd_queue *q);
+uint64_t ublkd_now_ns(void);
+
+#endif
