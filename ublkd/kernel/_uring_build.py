@@ -2,10 +2,12 @@
 
 cffi out-of-line API mode: in liburing 2.3 (Debian 12) ``io_uring_get_sqe``
 and every ``io_uring_prep_*`` are static inline, so they only exist once
-compiled.  The small C functions below are compiled against liburing.h and
-are all Python ever calls: each fills one whole SQE per call (no Python
-struct handling on the per-I/O path), and ``ublkd_reap`` copies every ready
-CQE into two arrays and advances the CQ in a single call.
+compiled.  The C functions of ublkd_uring.c (declared in ublkd_uring.h,
+and again below for cffi) are compiled against liburing.h and are all
+Python ever calls: each fills one whole SQE per call (no Python struct
+handling on the per-I/O path), ``ublkd_reap`` copies every ready CQE into
+two arrays and advances the CQ in a single call, and ``ublkd_queue_serve``
+is a queue's whole serving loop.
 
 setup.py names this file in ``cffi_modules``; ``python
 ublkd/kernel/_uring_build.py`` builds the module in place by hand.
