@@ -23,7 +23,7 @@ from cffi import FFI
 
 HEADER = "liburing.h"
 HERE = Path(__file__).resolve().parent
-C_SOURCE = HERE / "ublkd_uring.c"
+C_SOURCES = (HERE / "ublkd_uring.c", HERE / "ublkd_nbd.c")
 # Every warning is an error: C mistakes on the per-I/O path are memory
 # corruption in a storage daemon, and a warning is often the only sign.
 C_WARNINGS = ("-Wall", "-Wextra", "-Werror")
@@ -120,6 +120,23 @@ int ublkd_queue_commit(struct ublkd_queue *q, uint16_t tag, int32_t result);
 uint64_t ublkd_queue_buffer(struct ublkd_queue *q, uint16_t tag);
 uint64_t ublkd_queue_oldest(struct ublkd_queue *q);
 uint64_t ublkd_now_ns(void);
+
+struct ublkd_nbd_export {
+	int64_t size;
+	int64_t block_minimum;
+	int64_t block_preferred;
+	int64_t block_maximum;
+	int read_only;
+	int can_flush;
+	int can_fua;
+	int can_trim;
+	int can_zero;
+	int can_multi_conn;
+};
+
+int ublkd_nbd_load(char *error, unsigned error_size);
+int ublkd_nbd_probe(const char *uri, const char *name, struct ublkd_nbd_export *export,
+                    int *error_number, char *error, unsigned error_size);
 """
 
 
@@ -146,8 +163,9 @@ def make_ffibuilder() -> FFI:
         )
     builder = FFI()
     builder.cdef(CDEF)
-    builder.set_source("ublkd.kernel._uring", '#include "ublkd_uring.h"',
-                       sources=[os.path.relpath(C_SOURCE)], include_dirs=[str(HERE)],
+    builder.set_source("ublkd.kernel._uring", '#include "ublkd_uring.h"\n#include "ublkd_nbd.h"',
+                       sources=[os.path.relpath(source) for source in C_SOURCES],
+                       include_dirs=[str(HERE)],
                        libraries=["uring"], extra_compile_args=list(C_WARNINGS))
     return builder
 
