@@ -339,9 +339,9 @@ class Device:
             io_min=cfg.logical_block_size,
             max_sectors=self.info.max_io_buf_bytes >> 9,
             dev_sectors=backend.size >> 9,
-            # A volatile cache makes the block layer send FLUSH, which the
-            # file backend turns into fdatasync.
-            volatile_cache=cfg.backend == "file",
+            # A volatile cache makes the block layer send FLUSH (the file
+            # backend's fdatasync, NBD's flush).
+            volatile_cache=backend.volatile_cache,
             discard_granularity=4096 if discard or write_zeroes else 0,
             max_discard_sectors=(1 << 30) >> 9 if discard else 0,
             max_write_zeroes_sectors=(1 << 30) >> 9 if write_zeroes else 0,

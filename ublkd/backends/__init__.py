@@ -19,15 +19,18 @@ from ublkd.kernel.uring import Ring
 class FastPath:
     """What the queue's C loop may serve by itself, without calling `submit`.
 
-    kind "file": READ/WRITE/FLUSH/DISCARD/WRITE_ZEROES on `fd`, exactly as
+    kind "nbd": every request on the queue's own connection to `uri`
+    (backends/nbd.py); kind "file": READ/WRITE/FLUSH/DISCARD/WRITE_ZEROES on `fd`, exactly as
     FileBackend.submit would (io_uring, or pread/pwrite in the queue thread
     when `inline`; DISCARD and WRITE_ZEROES with the fallocate modes the
     file takes, see backends/file.py); kind "null": what NullBackend.submit
     answers.
     """
 
-    kind: str  # "file" or "null"
+    kind: str  # "file", "nbd" or "null"
     fd: int = -1
+    uri: str = ""  # nbd: every queue connects to this export
+    name: str = ""  # nbd: the connection's name in the server's logs
     inline: bool = False
     punch_hole: bool = False  # file: DISCARD punches a hole; else it does nothing
     zero_range: bool = False  # file: WRITE_ZEROES zeroes the range; else it goes to `submit`
@@ -50,6 +53,8 @@ class Backend(ABC):
     # What the device advertises when it is created (Device.params_for).
     supports_discard: bool = False
     supports_write_zeroes: bool = False
+    # A write cache that FLUSH empties: the block layer then sends FLUSH.
+    volatile_cache: bool = False
 
     @abstractmethod
     def submit(self, ring: Ring, request: Request, user_data: int) -> int | None:
@@ -86,6 +91,10 @@ def open_backend(config: DeviceConfig, may_create: bool = True, lock_wait: float
         from ublkd.backends.null import NullBackend
 
         return NullBackend(config)
+    if config.backend == "nbd":
+        from ublkd.backends.nbd import NbdBackend
+
+        return NbdBackend(config)
     from ublkd.backends.file import FileBackend
 
     return FileBackend(config, may_create, lock_wait)

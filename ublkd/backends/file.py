@@ -70,6 +70,8 @@ class FallocateModes:
 
 
 class FileBackend(Backend):
+    volatile_cache = True  # the page cache, or the disk's: FLUSH is fdatasync
+
     def __init__(self, config: DeviceConfig, may_create: bool = True, lock_wait: float = 0.0):
         self.path = config.path
         self.fd = -1

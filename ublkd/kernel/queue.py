@@ -137,6 +137,8 @@ class Queue:
                                   zero_range=fast.zero_range)
         elif fast.kind == "null":
             loop.use_null_backend()
+        elif fast.kind == "nbd":
+            loop.use_nbd_backend(fast.uri, f"{fast.name}-q{self.q_id}")
         else:
             raise ValueError(f"unknown fast path kind {fast.kind!r}")
 

@@ -48,7 +48,7 @@ unsigned ublkd_cq_ready(struct io_uring *ring) { return io_uring_cq_ready(ring);
 /* A free SQE; when the SQ is full, what is queued goes to the kernel first
  * (without SQPOLL the kernel consumes it during the call, so the retry
  * finds room).  NULL with *err set if even that fails. */
-static struct io_uring_sqe *ublkd_sqe(struct io_uring *ring, int *err)
+struct io_uring_sqe *ublkd_sqe(struct io_uring *ring, int *err)
 {
 	struct io_uring_sqe *sqe;
 	int ret;
@@ -244,25 +244,12 @@ int ublkd_register_files(struct io_uring *ring, const int *fds, unsigned n)
  * many as there are requests in flight are ever touched.
  */
 
-#define UBLKD_IO_RES_OK 0
-#define UBLKD_IO_RES_NEED_GET_DATA 1
-#define UBLKD_OP_READ 0
-#define UBLKD_OP_WRITE 1
-#define UBLKD_OP_FLUSH 2
-#define UBLKD_OP_DISCARD 3
-#define UBLKD_OP_WRITE_ZEROES 5
 #define UBLKD_FALLOC_KEEP_SIZE 0x01
 #define UBLKD_FALLOC_PUNCH_HOLE 0x02
 #define UBLKD_FALLOC_ZERO_RANGE 0x10
 
 
 
-struct ublkd_io_desc {
-	uint32_t op_flags;
-	uint32_t nr_sectors;
-	uint64_t start_sector;
-	uint64_t addr;
-};
 
 uint64_t ublkd_now_ns(void)
 {
@@ -487,6 +474,11 @@ static int ublkd_dispatch(struct ublkd_queue *q, unsigned tag, uint64_t now)
 			break;
 		q->nr_io++;
 		return ublkd_queue_commit(q, tag, res);
+	case UBLKD_KIND_NBD:
+		ret = ublkd_nbd_io(q, tag, d, buf);
+		if (ret == -ENOSYS)
+			break;
+		return ret;
 	case UBLKD_KIND_NULL:
 		if (op == UBLKD_OP_READ) {	/* the buffer may hold an old write */
 			memset(buf, 0, len);
@@ -529,7 +521,9 @@ static int ublkd_queue_handle(struct ublkd_queue *q, uint64_t now)
 		if (q->ev_n >= q->ev_max)
 			break;
 		n++;
-		if (ud & UBLKD_BACKEND_IO) {
+		if (ud & UBLKD_NBD_POLL) {
+			ret = ublkd_nbd_polled(q, ud, cqe->res);
+		} else if (ud & UBLKD_BACKEND_IO) {
 			q->nr_io++;
 			ret = ublkd_queue_commit(q, tag, cqe->res);
 		} else if (tag >= q->depth) {

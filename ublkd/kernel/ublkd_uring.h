@@ -17,6 +17,29 @@
 #define UBLKD_KIND_PYTHON 0
 #define UBLKD_KIND_FILE 1
 #define UBLKD_KIND_NULL 2
+#define UBLKD_KIND_NBD 3
+/* user_data of a poll on the NBD socket (ublkd_nbd.c); bit 0: POLLOUT. */
+#define UBLKD_NBD_POLL (1ULL << 33)
+
+#define UBLKD_IO_RES_OK 0
+#define UBLKD_IO_RES_NEED_GET_DATA 1
+#define UBLKD_OP_READ 0
+#define UBLKD_OP_WRITE 1
+#define UBLKD_OP_FLUSH 2
+#define UBLKD_OP_DISCARD 3
+#define UBLKD_OP_WRITE_ZEROES 5
+#define UBLKD_IO_F_FUA (1U << 13)
+#define UBLKD_IO_F_NOUNMAP (1U << 15)
+
+struct ublkd_io_desc {
+	uint32_t op_flags;
+	uint32_t nr_sectors;
+	uint64_t start_sector;
+	uint64_t addr;
+};
+
+struct nbd_handle;
+struct ublkd_nbd_request;
 
 struct ublkd_queue {
 	struct io_uring *ring;
@@ -53,6 +76,13 @@ struct ublkd_queue {
 	uint64_t nr_python;	/* events handed to Python */
 	uint64_t nr_waits;	/* io_uring_enter calls */
 	uint64_t nr_get_data;	/* NEED_GET_DATA round trips */
+	/* nbd backend (ublkd_nbd.c): this queue's own connection */
+	struct nbd_handle *nbd;
+	int nbd_fd;
+	unsigned nbd_polling;	/* polls armed: 1 POLLIN, 2 POLLOUT */
+	int nbd_can_fua;
+	int nbd_error;		/* a commit that failed inside a libnbd callback */
+	struct ublkd_nbd_request *nbd_requests;	/* per tag */
 };
 
 struct io_uring *ublkd_ring_new(unsigned entries, unsigned flags, int *err);
@@ -89,5 +119,13 @@ int ublkd_queue_commit(struct ublkd_queue *q, uint16_t tag, int32_t result);
 uint64_t ublkd_queue_buffer(struct ublkd_queue *q, uint16_t tag);
 uint64_t ublkd_queue_oldest(struct ublkd_queue *q);
 uint64_t ublkd_now_ns(void);
+struct io_uring_sqe *ublkd_sqe(struct io_uring *ring, int *err);
+
+/* ublkd_nbd.c */
+int ublkd_nbd_attach(struct ublkd_queue *q, const char *uri, const char *name,
+		     int *error_number, char *error, unsigned error_size);
+void ublkd_nbd_detach(struct ublkd_queue *q);
+int ublkd_nbd_io(struct ublkd_queue *q, unsigned tag, const struct ublkd_io_desc *d, void *buf);
+int ublkd_nbd_polled(struct ublkd_queue *q, uint64_t user_data, int32_t res);
 
 #endif

@@ -419,12 +419,23 @@ class QueueLoop:
         return {"served": q.nr_io, "events": q.nr_python, "waits": q.nr_waits,
                 "get_data": q.nr_get_data}
 
+    def use_nbd_backend(self, uri: str, name: str) -> None:
+        """Serve every request on this queue's own connection to the NBD server
+        at `uri`, in C (ublkd_nbd.c); blocks while it connects.  OSError with
+        libnbd's errno and message when it cannot."""
+        error = ffi.new("char[]", 512)
+        error_number = ffi.new("int *")
+        if lib.ublkd_nbd_attach(self._q, uri.encode(), name.encode(), error_number, error,
+                                len(error)) != 0:
+            raise OSError(error_number[0], ffi.string(error).decode(errors="replace"))
+
     def close(self) -> None:
         """Release the buffers (they can be closed after this); the ring stays the caller's."""
         if self._closed:
             return
         self._closed = True
         if hasattr(self, "_q"):
+            lib.ublkd_nbd_detach(self._q)
             self._q.ring = ffi.NULL
         ffi.release(self._descs)
         ffi.release(self._bufs)
