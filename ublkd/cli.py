@@ -252,12 +252,7 @@ def cmd_list(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
-    columns = ("name", "id", "device", "state", "pid", "backend", "size")
-    table = [[str(row[c]) if row[c] is not None else "-" for c in columns] for row in rows]
-    widths = [max(len(c), *(len(r[i]) for r in table)) for i, c in enumerate(columns)]
-    print("  ".join(c.upper().ljust(w) for c, w in zip(columns, widths, strict=True)).rstrip())
-    for line in table:
-        print("  ".join(v.ljust(w) for v, w in zip(line, widths, strict=True)).rstrip())
+    print(list_table(rows), end="")
     return 0
 
 
@@ -318,6 +313,18 @@ def cmd_features(args: argparse.Namespace) -> int:
 
 
 # -- helpers -------------------------------------------------------------------
+LIST_COLUMNS = ("name", "id", "device", "state", "pid", "backend", "size")
+
+
+def list_table(rows: list[dict]) -> str:
+    """`ublkd list`'s text: a header line, then a line per row ("-" for None)."""
+    table = [[str(row[c]) if row[c] is not None else "-" for c in LIST_COLUMNS] for row in rows]
+    widths = [max([len(c), *(len(r[i]) for r in table)]) for i, c in enumerate(LIST_COLUMNS)]
+    lines = [[c.upper() for c in LIST_COLUMNS], *table]
+    return "".join("  ".join(v.ljust(w) for v, w in zip(line, widths, strict=True)).rstrip()
+                   + "\n" for line in lines)
+
+
 def device_rows(control: ControlDevice) -> list[dict]:
     """One row per kernel device or state file, joined on the device id."""
     states: dict[int, DeviceState] = {}

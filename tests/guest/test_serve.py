@@ -123,10 +123,15 @@ def test_sigterm_removes_device_and_state(clean_guest):
     assert guest.run(f"test -f {STATE_DIR}/vol0.json", check=False).rc == 0
     listed = json.loads(ublkd(guest, "list", "--json").stdout)
     assert [(d["name"], d["state"]) for d in listed] == [("vol0", "LIVE")]
+    table = ublkd(guest, "list").stdout.splitlines()
+    assert table[0].split() == ["NAME", "ID", "DEVICE", "STATE", "PID", "BACKEND", "SIZE"]
+    assert table[1].split()[:4] == ["vol0", str(device.dev_id), device.path, "LIVE"]
     result = device.stop()
     assert result.rc == 0, result.describe()
     assert "stopping /dev/ublkb" in result.stderr
     assert json.loads(ublkd(guest, "list", "--json").stdout) == []
+    assert ublkd(guest, "list").stdout.split() == ["NAME", "ID", "DEVICE", "STATE", "PID",
+                                                   "BACKEND", "SIZE"]
     assert guest.run(f"test -e {device.path}", check=False).rc == 1
     assert guest.run(f"test -e {STATE_DIR}/vol0.json", check=False).rc == 1
 
