@@ -251,7 +251,8 @@ class Device:
             backend = open_backend(self.config, may_create=may_create)
             undo.callback(backend.close)
             undo.callback(remove_state, self.name)
-            self.info = self.add_device(self.wanted_id(previous))
+            self.info = self.add_device(self.wanted_id(previous),
+                                        backend.queues_for(self.config.queues))
             undo.callback(self.delete_device)
             self.control.set_params(self.info.dev_id, self.params_for(backend))
             self.save_state(generation=1, created=now())
@@ -294,7 +295,7 @@ class Device:
             f"that device first"
         )
 
-    def add_device(self, dev_id: int | None) -> DeviceInfo:
+    def add_device(self, dev_id: int | None, queues: int) -> DeviceInfo:
         # NEED_GET_DATA: the queues lend buffers per request instead of one
         # per tag (resident memory ~ requests in flight, docs/performance.md).
         flags = RECOVERY_FLAGS[self.config.recovery] | uapi.UBLK_F_NEED_GET_DATA
@@ -302,15 +303,15 @@ class Device:
             flags |= uapi.UBLK_F_CMD_IOCTL_ENCODE
         info = self.control.add_device(
             dev_id=dev_id,
-            nr_queues=self.config.queues,
+            nr_queues=queues,
             queue_depth=self.config.queue_depth,
             max_io_buf_bytes=IO_BUFFER_BYTES,
             flags=flags,
             cookie=identity.cookie_of(self.name),
         )
-        if info.nr_queues != self.config.queues:
+        if info.nr_queues != queues:
             log.warning("%s: the kernel gave %d queue(s) of the %d asked for (one per CPU "
-                        "at most)", self.name, info.nr_queues, self.config.queues)
+                        "at most)", self.name, info.nr_queues, queues)
         missing = RECOVERY_FLAGS[self.config.recovery] & ~info.flags
         if missing:
             self.control.delete_device(info.dev_id)

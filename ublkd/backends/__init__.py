@@ -65,6 +65,10 @@ class Backend(ABC):
         negative errno.
         """
 
+    def queues_for(self, wanted: int) -> int:
+        """How many queues a new device gets when the config asks for `wanted`."""
+        return wanted
+
     def fast_path(self) -> FastPath | None:
         """How the queue's C loop may serve common requests itself; None: all go to `submit`.
 

@@ -8,12 +8,15 @@ export when a device is created or recovered.  docs/nbd.md has the design.
 from __future__ import annotations
 
 import errno
+import logging
 from dataclasses import dataclass
 
 from ublkd.backends import Backend, FastPath, Request
 from ublkd.config import DeviceConfig, format_size
 from ublkd.errors import BackendError, ConfigError, MissingDependencyError
 from ublkd.kernel.uring import Ring
+
+log = logging.getLogger(__name__)
 
 LIBNBD_PACKAGES = "apt-get install libnbd0 (Fedora: dnf install libnbd)"
 
@@ -47,6 +50,17 @@ class NbdBackend(Backend):
         self.supports_discard = export.can_trim
         self.supports_write_zeroes = export.can_zero
         self.volatile_cache = export.can_flush
+        self.multi_conn = export.can_multi_conn
+        self.config = config
+
+    def queues_for(self, wanted: int) -> int:
+        """A connection per queue only where the server says that connections
+        see each other's writes (multi-conn); else one queue, one connection."""
+        if wanted > 1 and not self.multi_conn:
+            log.warning("%s: the NBD server of %s does not advertise multi-conn (qemu-nbd: "
+                        "add -e 0): 1 queue instead of %d", self.config.name, self.uri, wanted)
+            return 1
+        return wanted
 
     def submit(self, ring: Ring, request: Request, user_data: int) -> int | None:
         """Only ops the C loop does not know come here."""
