@@ -31,6 +31,7 @@ class FastPath:
     fd: int = -1
     uri: str = ""  # nbd: every queue connects to this export
     name: str = ""  # nbd: the connection's name in the server's logs
+    reconnect_timeout: float = 0.0  # nbd: seconds I/O waits for a lost server; 0: forever
     inline: bool = False
     punch_hole: bool = False  # file: DISCARD punches a hole; else it does nothing
     zero_range: bool = False  # file: WRITE_ZEROES zeroes the range; else it goes to `submit`

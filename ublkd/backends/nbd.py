@@ -67,7 +67,8 @@ class NbdBackend(Backend):
         return -errno.EOPNOTSUPP
 
     def fast_path(self) -> FastPath:
-        return FastPath("nbd", uri=self.uri, name=self.name)
+        return FastPath("nbd", uri=self.uri, name=self.name,
+                        reconnect_timeout=self.config.reconnect_timeout or 0.0)
 
 
 def load_libnbd(config: DeviceConfig) -> None:

@@ -136,7 +136,8 @@ struct ublkd_nbd_export {
 
 int ublkd_nbd_load(char *error, unsigned error_size);
 int ublkd_nbd_attach(struct ublkd_queue *q, const char *uri, const char *name,
-                     int *error_number, char *error, unsigned error_size);
+                     int64_t reconnect_timeout_ns, int *error_number, char *error,
+                     unsigned error_size);
 void ublkd_nbd_detach(struct ublkd_queue *q);
 int ublkd_nbd_probe(const char *uri, const char *name, struct ublkd_nbd_export *export,
                     int *error_number, char *error, unsigned error_size);

@@ -138,7 +138,11 @@ class Queue:
         elif fast.kind == "null":
             loop.use_null_backend()
         elif fast.kind == "nbd":
-            loop.use_nbd_backend(fast.uri, f"{fast.name}-q{self.q_id}")
+            waiting = loop.use_nbd_backend(fast.uri, f"{fast.name}-q{self.q_id}",
+                                           fast.reconnect_timeout)
+            if waiting:
+                log.warning("queue %d: NBD server of %s not reachable (%s); I/O waits while "
+                            "it reconnects", self.q_id, fast.uri, waiting)
         else:
             raise ValueError(f"unknown fast path kind {fast.kind!r}")
 

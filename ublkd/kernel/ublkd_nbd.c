@@ -25,6 +25,7 @@ static const struct ublkd_nbd_symbol ublkd_nbd_symbols[] = {
 	SYMBOL(create, 0), SYMBOL(close, 0), SYMBOL(get_error, 0), SYMBOL(get_errno, 0),
 	SYMBOL(get_version, 0), SYMBOL(set_handle_name, 0), SYMBOL(set_uri_allow_tls, 0),
 	SYMBOL(set_uri_allow_transports, 0), SYMBOL(supports_uri, 0), SYMBOL(connect_uri, 0),
+	SYMBOL(aio_connect_uri, 0), SYMBOL(aio_is_connecting, 0), SYMBOL(aio_is_ready, 0),
 	SYMBOL(get_size, 0), SYMBOL(get_block_size, 0), SYMBOL(is_read_only, 0),
 	SYMBOL(can_flush, 0), SYMBOL(can_fua, 0), SYMBOL(can_trim, 0), SYMBOL(can_zero, 0),
 	SYMBOL(can_multi_conn, 0), SYMBOL(aio_get_fd, 0), SYMBOL(aio_get_direction, 0),
@@ -140,53 +141,34 @@ int ublkd_nbd_probe(const char *uri, const char *name, struct ublkd_nbd_export *
  * the kernel.  libnbd runs callbacks inside the call that read the reply
  * (nbd_aio_notify_read), in this thread, so the commit lands on this
  * queue's ring like any other.  The socket is watched by one-shot polls on
- * the ring, armed for the directions libnbd asks for after every call. */
+ * the ring, armed for the directions libnbd asks for after every call.
+ *
+ * When the connection goes (the server killed or restarted), libnbd fails
+ * every command with ENOTCONN: those requests are held, not answered, as
+ * are the ones that come meanwhile; the queue reconnects (asynchronously,
+ * through the same polls) with a growing delay and sends them again.  Past
+ * reconnect_timeout the held requests fail with EIO, and so does new I/O
+ * until the server is back (docs/nbd.md, section 5). */
+
+#define UBLKD_NBD_BACKOFF_MIN 100000000ULL	/* 0.1 s */
+#define UBLKD_NBD_BACKOFF_MAX 5000000000ULL	/* 5 s */
+#define UBLKD_NBD_CONNECT_TIMEOUT 10000000000ULL	/* a handshake that never ends */
 
 struct ublkd_nbd_request {
 	struct ublkd_queue *q;
 	uint16_t tag;
+	int held;		/* waiting for a connection */
 	int32_t done;		/* the result of a success: bytes for READ/WRITE */
 };
 
-int ublkd_nbd_attach(struct ublkd_queue *q, const char *uri, const char *name,
-		     int *error_number, char *error, unsigned error_size)
-{
-	struct ublkd_nbd_request *requests = calloc(q->depth, sizeof(*requests));
-	struct nbd_handle *h;
-	unsigned tag;
+static int ublkd_nbd_arm(struct ublkd_queue *q);
 
-	if (!requests) {
-		*error_number = ENOMEM;
-		snprintf(error, error_size, "no memory for %u requests", q->depth);
-		return -1;
-	}
-	h = ublkd_nbd_connect(uri, name, error_number, error, error_size);
-	if (!h) {
-		free(requests);
-		return -1;
-	}
-	if (ublkd_nbd.set_pread_initialize)	/* a failed READ's buffer is never copied */
-		ublkd_nbd.set_pread_initialize(h, false);
-	for (tag = 0; tag < q->depth; tag++) {
-		requests[tag].q = q;
-		requests[tag].tag = tag;
-	}
-	q->nbd = h;
-	q->nbd_fd = ublkd_nbd.aio_get_fd(h);
-	q->nbd_can_fua = ublkd_nbd.can_fua(h) == 1;
-	q->nbd_requests = requests;
-	q->nbd_polling = 0;
-	q->backend_kind = UBLKD_KIND_NBD;
-	return 0;
-}
-
-void ublkd_nbd_detach(struct ublkd_queue *q)
+static void ublkd_nbd_hold(struct ublkd_queue *q, unsigned tag)
 {
-	if (q->nbd)
-		ublkd_nbd.close(q->nbd);
-	free(q->nbd_requests);
-	q->nbd = NULL;
-	q->nbd_requests = NULL;
+	if (!q->nbd_requests[tag].held) {
+		q->nbd_requests[tag].held = 1;
+		q->nbd_held++;
+	}
 }
 
 static int ublkd_nbd_done(void *user_data, int *error)
@@ -195,11 +177,179 @@ static int ublkd_nbd_done(void *user_data, int *error)
 	struct ublkd_queue *q = request->q;
 	int ret;
 
+	if (*error == ENOTCONN || *error == ESHUTDOWN) {	/* the connection went */
+		ublkd_nbd_hold(q, request->tag);
+		return 1;
+	}
 	q->nr_io++;
 	ret = ublkd_queue_commit(q, request->tag, *error ? -*error : request->done);
 	if (ret && !q->nbd_error)
 		q->nbd_error = ret;
 	return 1;	/* retire the command */
+}
+
+/* The connection is gone (or never came): drop it, try again later. */
+static void ublkd_nbd_lost(struct ublkd_queue *q, uint64_t now)
+{
+	if (q->nbd)
+		ublkd_nbd.close(q->nbd);	/* frees its commands: all were failed (held) */
+	q->nbd = NULL;
+	q->nbd_connecting = 0;
+	q->nbd_polling = 0;	/* polls on the closed fd end with an error, ignored */
+	if (!q->nbd_lost_ns)
+		q->nbd_lost_ns = now;
+	q->nbd_backoff_ns = q->nbd_backoff_ns ? q->nbd_backoff_ns * 2 : UBLKD_NBD_BACKOFF_MIN;
+	if (q->nbd_backoff_ns > UBLKD_NBD_BACKOFF_MAX)
+		q->nbd_backoff_ns = UBLKD_NBD_BACKOFF_MAX;
+	q->nbd_retry_ns = now + q->nbd_backoff_ns;
+	q->nbd_wait_ns = (int64_t)UBLKD_NBD_BACKOFF_MIN;
+}
+
+static struct nbd_handle *ublkd_nbd_new_handle(struct ublkd_queue *q)
+{
+	struct nbd_handle *h = ublkd_nbd.create();
+
+	if (!h)
+		return NULL;
+	if (ublkd_nbd.set_handle_name(h, q->nbd_name) == -1 ||
+	    ublkd_nbd.set_uri_allow_tls(h, UBLKD_NBD_TLS_DISABLE) == -1 ||
+	    ublkd_nbd.set_uri_allow_transports(h, UBLKD_NBD_ALLOW_TRANSPORT_TCP |
+					       UBLKD_NBD_ALLOW_TRANSPORT_UNIX) == -1) {
+		ublkd_nbd.close(h);
+		return NULL;
+	}
+	if (ublkd_nbd.set_pread_initialize)	/* a failed READ's buffer is never copied */
+		ublkd_nbd.set_pread_initialize(h, false);
+	return h;
+}
+
+/* Start connecting without blocking (for TCP, libnbd resolves the host
+ * name synchronously: use an address in `uri` where that matters). */
+static void ublkd_nbd_reconnect(struct ublkd_queue *q, uint64_t now)
+{
+	struct nbd_handle *h = ublkd_nbd_new_handle(q);
+
+	q->nbd_reconnects++;
+	if (!h || ublkd_nbd.aio_connect_uri(h, q->nbd_uri) == -1) {
+		if (h)
+			ublkd_nbd.close(h);
+		ublkd_nbd_lost(q, now);
+		return;
+	}
+	q->nbd = h;
+	q->nbd_gen++;
+	q->nbd_fd = ublkd_nbd.aio_get_fd(h);
+	q->nbd_connecting = 1;
+	q->nbd_retry_ns = now + UBLKD_NBD_CONNECT_TIMEOUT;
+	if (ublkd_nbd.aio_is_ready(h) == 1)
+		return;	/* ublkd_nbd_tick finishes it */
+	if (ublkd_nbd_arm(q) < 0)
+		ublkd_nbd_lost(q, now);
+}
+
+/* Answer a held request now: send it again, or fail it. */
+static int ublkd_nbd_release(struct ublkd_queue *q, unsigned tag, int fail);
+
+/* Connected again: send what was held. */
+static int ublkd_nbd_connected(struct ublkd_queue *q)
+{
+	unsigned tag;
+	int ret;
+
+	q->nbd_connecting = 0;
+	q->nbd_lost_ns = 0;
+	q->nbd_backoff_ns = 0;
+	q->nbd_failing = 0;
+	q->nbd_wait_ns = 0;
+	q->nbd_can_fua = ublkd_nbd.can_fua(q->nbd) == 1;
+	for (tag = 0; tag < q->depth && q->nbd_held; tag++) {
+		if (!q->nbd_requests[tag].held)
+			continue;
+		ret = ublkd_nbd_release(q, tag, 0);
+		if (ret < 0)
+			return ret;
+	}
+	return ublkd_nbd_arm(q);
+}
+
+/* Called by the serving loop at every wake-up: reconnects when due, and
+ * fails held requests once reconnect_timeout has passed. */
+int ublkd_nbd_tick(struct ublkd_queue *q, uint64_t now)
+{
+	unsigned tag;
+	int ret;
+
+	if (q->nbd && q->nbd_connecting && ublkd_nbd.aio_is_ready(q->nbd) == 1)
+		return ublkd_nbd_connected(q);
+	if (!q->nbd_lost_ns)
+		return 0;
+	if (q->nbd_timeout_ns && !q->nbd_failing && now - q->nbd_lost_ns > q->nbd_timeout_ns) {
+		q->nbd_failing = 1;
+		for (tag = 0; tag < q->depth && q->nbd_held; tag++) {
+			if (!q->nbd_requests[tag].held)
+				continue;
+			ret = ublkd_nbd_release(q, tag, 1);
+			if (ret < 0)
+				return ret;
+		}
+	}
+	if (now < q->nbd_retry_ns)
+		return 0;
+	if (q->nbd) {	/* a handshake that did not finish in time */
+		ublkd_nbd_lost(q, now);
+		return 0;
+	}
+	ublkd_nbd_reconnect(q, now);
+	return 0;
+}
+
+int ublkd_nbd_attach(struct ublkd_queue *q, const char *uri, const char *name,
+		     int64_t reconnect_timeout_ns, int *error_number, char *error,
+		     unsigned error_size)
+{
+	unsigned tag;
+
+	q->nbd_requests = calloc(q->depth, sizeof(*q->nbd_requests));
+	q->nbd_uri = strdup(uri);
+	q->nbd_name = strdup(name);
+	if (!q->nbd_requests || !q->nbd_uri || !q->nbd_name) {
+		ublkd_nbd_detach(q);
+		*error_number = ENOMEM;
+		snprintf(error, error_size, "no memory for %u requests", q->depth);
+		return -1;
+	}
+	for (tag = 0; tag < q->depth; tag++) {
+		q->nbd_requests[tag].q = q;
+		q->nbd_requests[tag].tag = tag;
+	}
+	q->nbd_timeout_ns = (uint64_t)reconnect_timeout_ns;
+	q->backend_kind = UBLKD_KIND_NBD;
+	/* A server that is not there (yet) is not an error: requests wait for
+	 * it, as they would for a server that went away. */
+	q->nbd = ublkd_nbd_connect(uri, name, error_number, error, error_size);
+	if (!q->nbd) {
+		ublkd_nbd_lost(q, ublkd_now_ns());
+		q->nbd_retry_ns = 0;	/* the loop tries at once */
+		return 1;
+	}
+	if (ublkd_nbd.set_pread_initialize)
+		ublkd_nbd.set_pread_initialize(q->nbd, false);
+	q->nbd_fd = ublkd_nbd.aio_get_fd(q->nbd);
+	q->nbd_can_fua = ublkd_nbd.can_fua(q->nbd) == 1;
+	return 0;
+}
+
+void ublkd_nbd_detach(struct ublkd_queue *q)
+{
+	if (q->nbd)
+		ublkd_nbd.close(q->nbd);
+	free(q->nbd_requests);
+	free(q->nbd_uri);
+	free(q->nbd_name);
+	q->nbd = NULL;
+	q->nbd_requests = NULL;
+	q->nbd_uri = NULL;
+	q->nbd_name = NULL;
 }
 
 /* Poll the socket for what libnbd waits for; 0 or a negative errno. */
@@ -218,16 +368,17 @@ static int ublkd_nbd_arm(struct ublkd_queue *q)
 		if (!sqe)
 			return err;
 		io_uring_prep_poll_add(sqe, q->nbd_fd, bit == 1 ? POLLIN : POLLOUT);
-		io_uring_sqe_set_data64(sqe, UBLKD_NBD_POLL | (bit >> 1));
+		io_uring_sqe_set_data64(sqe, UBLKD_NBD_POLL | ((uint64_t)q->nbd_gen << 16) |
+					     (bit >> 1));
 		q->nbd_polling |= bit;
 	}
 	return 0;
 }
 
-/* A request for the nbd backend: sent (its callback commits it), or
- * committed now with an error; -ENOSYS hands an op we do not know to
- * Python; another negative errno: the ring failed. */
-int ublkd_nbd_io(struct ublkd_queue *q, unsigned tag, const struct ublkd_io_desc *d, void *buf)
+/* Send request `tag` on the connection; 0 when sent or answered, else a
+ * negative errno of the ring. */
+static int ublkd_nbd_send(struct ublkd_queue *q, unsigned tag,
+			  const struct ublkd_io_desc *d, void *buf)
 {
 	struct ublkd_nbd_request *request = &q->nbd_requests[tag];
 	struct ublkd_nbd_completion done = { ublkd_nbd_done, request, NULL };
@@ -255,22 +406,62 @@ int ublkd_nbd_io(struct ublkd_queue *q, unsigned tag, const struct ublkd_io_desc
 	case UBLKD_OP_DISCARD:
 		cookie = ublkd_nbd.aio_trim(q->nbd, len, offset, done, flags);
 		break;
-	case UBLKD_OP_WRITE_ZEROES:
+	default:	/* WRITE_ZEROES */
 		if (d->op_flags & UBLKD_IO_F_NOUNMAP)
 			flags |= UBLKD_NBD_CMD_FLAG_NO_HOLE;
 		cookie = ublkd_nbd.aio_zero(q->nbd, len, offset, done, flags);
 		break;
-	default:
-		return -ENOSYS;
 	}
 	if (cookie == -1) {
 		int err = ublkd_nbd.get_errno();
 
+		if (ublkd_nbd.aio_is_dead(q->nbd) || ublkd_nbd.aio_is_closed(q->nbd)) {
+			ublkd_nbd_hold(q, tag);
+			ublkd_nbd_lost(q, ublkd_now_ns());
+			return 0;
+		}
 		q->nr_io++;
 		return ublkd_queue_commit(q, tag, -(err ? err : EIO));
 	}
-	if (q->nbd_error)
-		return q->nbd_error;
+	return q->nbd_error;
+}
+
+static int ublkd_nbd_release(struct ublkd_queue *q, unsigned tag, int fail)
+{
+	const struct ublkd_io_desc *d =
+		(const struct ublkd_io_desc *)(q->descs + (size_t)tag * sizeof(*d));
+
+	q->nbd_requests[tag].held = 0;
+	q->nbd_held--;
+	if (fail) {
+		q->nr_io++;
+		return ublkd_queue_commit(q, tag, -EIO);
+	}
+	return ublkd_nbd_send(q, tag, d, (void *)(uintptr_t)ublkd_queue_buffer(q, tag));
+}
+
+/* A request for the nbd backend: sent (its callback commits it), held for
+ * a connection, or failed; -ENOSYS hands an op we do not know to Python;
+ * another negative errno: the ring failed. */
+int ublkd_nbd_io(struct ublkd_queue *q, unsigned tag, const struct ublkd_io_desc *d, void *buf)
+{
+	unsigned op = d->op_flags & 0xff;
+	int ret;
+
+	if (op != UBLKD_OP_READ && op != UBLKD_OP_WRITE && op != UBLKD_OP_FLUSH &&
+	    op != UBLKD_OP_DISCARD && op != UBLKD_OP_WRITE_ZEROES)
+		return -ENOSYS;
+	if (!q->nbd || q->nbd_connecting) {
+		if (q->nbd_failing) {
+			q->nr_io++;
+			return ublkd_queue_commit(q, tag, -EIO);
+		}
+		ublkd_nbd_hold(q, tag);
+		return 0;
+	}
+	ret = ublkd_nbd_send(q, tag, d, buf);
+	if (ret < 0 || !q->nbd)
+		return ret;
 	return ublkd_nbd_arm(q);
 }
 
@@ -279,19 +470,26 @@ int ublkd_nbd_io(struct ublkd_queue *q, unsigned tag, const struct ublkd_io_desc
 int ublkd_nbd_polled(struct ublkd_queue *q, uint64_t user_data, int32_t res)
 {
 	unsigned bit = (user_data & 1) ? 2 : 1;
+	uint64_t now = ublkd_now_ns();
 
+	if (!q->nbd || ((user_data >> 16) & 0xffff) != q->nbd_gen || !(q->nbd_polling & bit))
+		return 0;	/* a poll of a connection already dropped */
 	q->nbd_polling &= ~bit;
-	if (!q->nbd)
+	if (res < 0) {
+		ublkd_nbd_lost(q, now);
 		return 0;
-	if (res >= 0 || res == -EINTR) {
-		if (bit == 2 || (res & (POLLERR | POLLHUP)))
-			ublkd_nbd.aio_notify_write(q->nbd);
-		if (bit == 1 || (res & (POLLERR | POLLHUP)))
-			ublkd_nbd.aio_notify_read(q->nbd);
 	}
+	if (bit == 2)
+		ublkd_nbd.aio_notify_write(q->nbd);
+	else
+		ublkd_nbd.aio_notify_read(q->nbd);
 	if (q->nbd_error)
 		return q->nbd_error;
-	if (ublkd_nbd.aio_is_dead(q->nbd) || ublkd_nbd.aio_is_closed(q->nbd))
-		return 0;	/* every request was failed by its callback (ENOTCONN) */
+	if (ublkd_nbd.aio_is_dead(q->nbd) || ublkd_nbd.aio_is_closed(q->nbd)) {
+		ublkd_nbd_lost(q, now);	/* its requests are held now */
+		return 0;
+	}
+	if (q->nbd_connecting && ublkd_nbd.aio_is_ready(q->nbd) == 1)
+		return ublkd_nbd_connected(q);
 	return ublkd_nbd_arm(q);
 }

@@ -42,6 +42,9 @@ struct ublkd_nbd_api {
 	int (*set_uri_allow_transports)(struct nbd_handle *h, uint32_t mask);
 	int (*supports_uri)(struct nbd_handle *h);
 	int (*connect_uri)(struct nbd_handle *h, const char *uri);
+	int (*aio_connect_uri)(struct nbd_handle *h, const char *uri);
+	int (*aio_is_connecting)(struct nbd_handle *h);
+	int (*aio_is_ready)(struct nbd_handle *h);
 	int64_t (*get_size)(struct nbd_handle *h);
 	int64_t (*get_block_size)(struct nbd_handle *h, int size_type);
 	int (*is_read_only)(struct nbd_handle *h);

@@ -568,9 +568,16 @@ int ublkd_queue_serve(struct ublkd_queue *q, int64_t wait_ns, int64_t budget_ns)
 			ret = io_uring_submit(q->ring);	/* the last commits */
 			return ret < 0 ? ret : 0;
 		}
+		if (q->backend_kind == UBLKD_KIND_NBD) {
+			ret = ublkd_nbd_tick(q, now);
+			if (ret < 0)
+				return ret;
+		}
 		left = (int64_t)(deadline - now);
 		if (left > wait_ns)
 			left = wait_ns;
+		if (q->nbd_wait_ns && left > q->nbd_wait_ns)
+			left = q->nbd_wait_ns;
 		if (left < 0)
 			left = 0;
 		ts.tv_sec = left / 1000000000;

@@ -18,7 +18,8 @@
 #define UBLKD_KIND_FILE 1
 #define UBLKD_KIND_NULL 2
 #define UBLKD_KIND_NBD 3
-/* user_data of a poll on the NBD socket (ublkd_nbd.c); bit 0: POLLOUT. */
+/* user_data of a poll on the NBD socket (ublkd_nbd.c): bit 0 POLLOUT, bits
+ * 16-31 the connection's generation. */
 #define UBLKD_NBD_POLL (1ULL << 33)
 
 #define UBLKD_IO_RES_OK 0
@@ -83,6 +84,18 @@ struct ublkd_queue {
 	int nbd_can_fua;
 	int nbd_error;		/* a commit that failed inside a libnbd callback */
 	struct ublkd_nbd_request *nbd_requests;	/* per tag */
+	char *nbd_uri;
+	char *nbd_name;
+	int nbd_connecting;	/* nbd is a connection being made */
+	uint16_t nbd_gen;	/* which connection a poll's CQE belongs to */
+	uint64_t nbd_lost_ns;	/* when the connection went; 0 while connected */
+	uint64_t nbd_retry_ns;	/* next attempt to reconnect */
+	uint64_t nbd_backoff_ns;
+	uint64_t nbd_timeout_ns;	/* reconnect_timeout; 0: wait forever */
+	int nbd_failing;	/* past the timeout: requests fail until reconnected */
+	unsigned nbd_held;	/* requests waiting for a connection */
+	uint64_t nbd_reconnects;
+	int64_t nbd_wait_ns;	/* while disconnected: wake the loop this often */
 };
 
 struct io_uring *ublkd_ring_new(unsigned entries, unsigned flags, int *err);
@@ -123,7 +136,9 @@ struct io_uring_sqe *ublkd_sqe(struct io_uring *ring, int *err);
 
 /* ublkd_nbd.c */
 int ublkd_nbd_attach(struct ublkd_queue *q, const char *uri, const char *name,
-		     int *error_number, char *error, unsigned error_size);
+		     int64_t reconnect_timeout_ns, int *error_number, char *error,
+		     unsigned error_size);
+int ublkd_nbd_tick(struct ublkd_queue *q, uint64_t now);
 void ublkd_nbd_detach(struct ublkd_queue *q);
 int ublkd_nbd_io(struct ublkd_queue *q, unsigned tag, const struct ublkd_io_desc *d, void *buf);
 int ublkd_nbd_polled(struct ublkd_queue *q, uint64_t user_data, int32_t res);

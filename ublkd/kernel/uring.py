@@ -419,15 +419,20 @@ class QueueLoop:
         return {"served": q.nr_io, "events": q.nr_python, "waits": q.nr_waits,
                 "get_data": q.nr_get_data}
 
-    def use_nbd_backend(self, uri: str, name: str) -> None:
+    def use_nbd_backend(self, uri: str, name: str, reconnect_timeout: float) -> str | None:
         """Serve every request on this queue's own connection to the NBD server
-        at `uri`, in C (ublkd_nbd.c); blocks while it connects.  OSError with
-        libnbd's errno and message when it cannot."""
+        at `uri`, in C (ublkd_nbd.c); blocks while it connects.  A server that
+        cannot be reached is not an error: requests wait for it (for up to
+        `reconnect_timeout` seconds, 0: forever) while the loop reconnects;
+        the return value then says why the first attempt failed."""
         error = ffi.new("char[]", 512)
         error_number = ffi.new("int *")
-        if lib.ublkd_nbd_attach(self._q, uri.encode(), name.encode(), error_number, error,
-                                len(error)) != 0:
+        ret = lib.ublkd_nbd_attach(self._q, uri.encode(), name.encode(),
+                                   int(reconnect_timeout * 1e9), error_number, error,
+                                   len(error))
+        if ret < 0:
             raise OSError(error_number[0], ffi.string(error).decode(errors="replace"))
+        return ffi.string(error).decode(errors="replace") if ret > 0 else None
 
     def close(self) -> None:
         """Release the buffers (they can be closed after this); the ring stays the caller's."""
