@@ -117,3 +117,35 @@ def test_an_export_smaller_than_size_is_refused(systemd_guest, servers):
     assert guest.run("systemctl start ublkd@small", check=False, timeout=180).rc != 0
     assert show(guest, "ublkd@small", "ExecMainStatus") == {"ExecMainStatus": "2"}
     assert "smaller than size = 1 GiB" in guest.journal("-u", "ublkd@small", "-n", "20")
+
+
+def test_a_restarted_server_costs_applications_nothing(systemd_guest, servers, journal):
+    """qemu-nbd killed under fio verify through ext4 and started again 3 s
+    later: I/O waits, then goes on; fio, verify and e2fsck see nothing."""
+    guest = systemd_guest
+    server = servers("raw")
+    dev = start(guest, "vol0", f'backend = "nbd"\nuri = "{server.uri}"\nqueues = 2\n')["device"]
+    application = FioThroughExt4(guest, dev, MNT)
+    guest.run("sleep 3")
+    server.stop()
+    guest.run("sleep 3")
+    server.start()
+    application.finish()
+    assert show(guest, "ublkd@vol0", "NRestarts", "ActiveState") == {
+        "NRestarts": "0", "ActiveState": "active"}
+
+
+def test_past_reconnect_timeout_io_fails_and_the_daemon_stays(systemd_guest, servers):
+    guest = systemd_guest
+    server = servers("raw", size="64M")
+    dev = start(guest, "vol0", f'backend = "nbd"\nuri = "{server.uri}"\n'
+                               f'reconnect_timeout = 3\n')["device"]
+    server.stop()
+    failed = guest.run(f"timeout 60 dd if={dev} of=/dev/null bs=4k count=1 iflag=direct "
+                       f"status=none", check=False)
+    assert failed.rc == 1 and "Input/output error" in failed.stderr, failed.describe()
+    assert show(guest, "ublkd@vol0", "ActiveState", "NRestarts") == {
+        "ActiveState": "active", "NRestarts": "0"}
+    server.start()
+    guest.run(f"for i in $(seq 100); do timeout 10 dd if={dev} of=/dev/null bs=4k count=1 "
+              f"iflag=direct status=none && exit 0; sleep 0.1; done; exit 1", timeout=120)
