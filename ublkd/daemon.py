@@ -639,6 +639,8 @@ class Device:
 
     # -- undo steps ------------------------------------------------------------
     def stop_device(self) -> None:
+        for queue in self.queues:
+            queue.fail_waiting_io()
         with contextlib.suppress(DeviceNotFoundError):
             self.control.stop_device(self.info.dev_id)
 

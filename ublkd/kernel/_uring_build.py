@@ -111,6 +111,7 @@ struct ublkd_queue {
 	uint64_t nr_python;
 	uint64_t nr_waits;
 	uint64_t nr_get_data;
+	int nbd_stopping;
 	...;
 };
 

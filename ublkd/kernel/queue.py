@@ -68,6 +68,11 @@ class Queue:
     def start(self) -> None:
         self.thread.start()
 
+    def fail_waiting_io(self) -> None:
+        """Before STOP_DEV: what waits for a lost backend server fails (EIO)."""
+        if self._loop is not None:
+            self._loop.fail_waiting_io()
+
     def join(self, timeout: float | None = None) -> None:
         self.thread.join(timeout)
 

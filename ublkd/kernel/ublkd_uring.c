@@ -564,7 +564,9 @@ int ublkd_queue_serve(struct ublkd_queue *q, int64_t wait_ns, int64_t budget_ns)
 		return -EBADFD;
 	q->ev_n = 0;
 	for (;;) {
-		if (!q->busy && __atomic_load_n(&q->handover, __ATOMIC_RELAXED)) {
+		/* Requests held for a lost NBD server stay unanswered: the
+		 * kernel re-issues them to the next server too. */
+		if (q->busy == q->nbd_held && __atomic_load_n(&q->handover, __ATOMIC_RELAXED)) {
 			ret = io_uring_submit(q->ring);	/* the last commits */
 			return ret < 0 ? ret : 0;
 		}

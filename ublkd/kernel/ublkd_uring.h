@@ -93,6 +93,7 @@ struct ublkd_queue {
 	uint64_t nbd_backoff_ns;
 	uint64_t nbd_timeout_ns;	/* reconnect_timeout; 0: wait forever */
 	int nbd_failing;	/* past the timeout: requests fail until reconnected */
+	int nbd_stopping;	/* set by Python before STOP_DEV: fail what waits */
 	unsigned nbd_held;	/* requests waiting for a connection */
 	uint64_t nbd_reconnects;
 	int64_t nbd_wait_ns;	/* while disconnected: wake the loop this often */

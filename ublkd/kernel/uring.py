@@ -401,6 +401,12 @@ class QueueLoop:
         oldest = lib.ublkd_queue_oldest(self._q)
         return oldest / 1e9 if oldest else None
 
+    def fail_waiting_io(self) -> None:
+        """Before STOP_DEV: requests waiting for a lost NBD server fail with EIO
+        (the kernel's removal of the disk waits for every request).  Callable
+        from any thread; the loop acts on it within 0.1 s."""
+        self._q.nbd_stopping = 1
+
     def hand_over(self) -> None:
         """From now on leave new requests fetched and unanswered (the kernel
         re-issues them to the next server); ``serve`` returns as soon as
