@@ -613,6 +613,9 @@ class Device:
     def late_backend(self) -> str | None:
         """How late the backend is, in whole stall limits (so STATUS changes
         seldom), or None when no request waits longer than one."""
+        lost = self.lost_backend()
+        if lost is not None:
+            return lost
         moment = time.monotonic()
         limit = self.notifier.stall_limit
         oldest = min((since for queue in self.queues
@@ -620,6 +623,18 @@ class Device:
         if moment - oldest <= limit:
             return None
         return f"backend I/O unanswered for over {int((moment - oldest) // limit * limit)} s"
+
+    def lost_backend(self) -> str | None:
+        """What the queues say while their NBD server is gone, or None."""
+        states = [state for queue in self.queues if (state := queue.backend_lost())]
+        if not states:
+            return None
+        seconds = int((time.monotonic() - min(since for since, _, _ in states)) // 5 * 5)
+        if any(failing for _, _, failing in states):
+            what = "I/O fails with EIO until it is back"
+        else:
+            what = f"{sum(held for _, held, _ in states)} request(s) waiting"
+        return f"reconnecting to {self.config.uri} for over {seconds} s ({what})"
 
     def end_like_a_crash(self, why: str) -> NoReturn:
         """Leave the device to the next worker, as a crash would: the kernel

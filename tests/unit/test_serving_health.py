@@ -17,15 +17,20 @@ from ublkd.kernel.control import DeviceInfo
 
 
 class FakeQueue:
-    def __init__(self, alive: bool = True, stalled_for: float | None = None):
+    def __init__(self, alive: bool = True, stalled_for: float | None = None,
+                 lost: tuple[float, int, bool] | None = None):
         self.q_id = 0
         self.alive = alive
         self.error = None if alive else RuntimeError("io_uring_enter: EBUSY")
         self.heartbeat = time.monotonic()
         self.since = None if stalled_for is None else time.monotonic() - stalled_for
+        self.lost = lost
 
     def stalled_since(self) -> float | None:
         return self.since
+
+    def backend_lost(self) -> tuple[float, int, bool] | None:
+        return self.lost
 
 
 class RecordingNotifier:
@@ -83,6 +88,24 @@ def test_a_slow_backend_keeps_the_watchdog_fed_and_says_so():
     device.queues[0].since = None
     device.check_health()
     assert notifier.messages[-1] == "STATUS /dev/ublkb3 LIVE, null backend, recovered 0 times"
+
+
+def test_a_lost_nbd_server_is_in_status_and_the_watchdog_still_fed():
+    lost = (time.monotonic() - 12, 7, False)
+    device, notifier = device_with(FakeQueue(lost=lost), FakeQueue(lost=(lost[0] + 1, 2, False)))
+    device.config = parse_config("vol0", 'backend = "nbd"\nuri = "nbd://h/e"\n',
+                                 Path("vol0.toml"))
+    device.check_health()
+    assert notifier.messages == [
+        "WATCHDOG", "STATUS /dev/ublkb3 LIVE, reconnecting to nbd://h/e for over 10 s "
+                    "(9 request(s) waiting), nbd backend, recovered 0 times"]
+    device.queues[0].lost = (lost[0], 0, True)
+    device.check_health()
+    assert "(I/O fails with EIO until it is back)" in notifier.messages[-1]
+    for queue in device.queues:
+        queue.lost = None
+    device.check_health()
+    assert notifier.messages[-1] == "STATUS /dev/ublkb3 LIVE, nbd backend, recovered 0 times"
 
 
 def test_a_silent_queue_loop_stops_the_pings():

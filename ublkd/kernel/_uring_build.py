@@ -112,6 +112,9 @@ struct ublkd_queue {
 	uint64_t nr_waits;
 	uint64_t nr_get_data;
 	int nbd_stopping;
+	uint64_t nbd_lost_ns;
+	unsigned nbd_held;
+	int nbd_failing;
 	...;
 };
 

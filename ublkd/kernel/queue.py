@@ -68,6 +68,10 @@ class Queue:
     def start(self) -> None:
         self.thread.start()
 
+    def backend_lost(self) -> tuple[float, int, bool] | None:
+        """QueueLoop.backend_lost of the running loop."""
+        return self._loop.backend_lost() if self._loop is not None else None
+
     def fail_waiting_io(self) -> None:
         """Before STOP_DEV: what waits for a lost backend server fails (EIO)."""
         if self._loop is not None:

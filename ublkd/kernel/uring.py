@@ -401,6 +401,14 @@ class QueueLoop:
         oldest = lib.ublkd_queue_oldest(self._q)
         return oldest / 1e9 if oldest else None
 
+    def backend_lost(self) -> tuple[float, int, bool] | None:
+        """While an NBD queue has no connection: (time.monotonic() it went, requests
+        waiting, whether they now fail with EIO); None while connected.  For
+        STATUS, from any thread: a racy but harmless read."""
+        q = self._q
+        lost = q.nbd_lost_ns
+        return (lost / 1e9, q.nbd_held, bool(q.nbd_failing)) if lost else None
+
     def fail_waiting_io(self) -> None:
         """Before STOP_DEV: requests waiting for a lost NBD server fail with EIO
         (the kernel's removal of the disk waits for every request).  Callable
