@@ -37,6 +37,7 @@ bench: bootstrap
 # do): ExecStart= points at $(UBLKD) instead of /usr/bin/ublkd.
 UBLKD ?= $(abspath .venv/bin/ublkd)
 UNITDIR ?= /etc/systemd/system
+GENERATORDIR ?= /etc/systemd/system-generators
 install-units:
 	install -d $(UNITDIR)
 	for unit in units/*.service; do \
@@ -44,6 +45,7 @@ install-units:
 	done
 	install -D -m 0644 units/modprobe@ublk_drv.service.d/ublkd.conf \
 		$(UNITDIR)/modprobe@ublk_drv.service.d/ublkd.conf
+	install -D -m 0755 units/generators/ublkd-generator $(GENERATORDIR)/ublkd-generator
 	systemctl daemon-reload
 
 # Distro packages (docs/packaging.md).  `deb` installs its build dependencies

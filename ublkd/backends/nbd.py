@@ -95,6 +95,11 @@ def probe(config: DeviceConfig) -> Export:
     if lib.ublkd_nbd_probe(config.uri.encode(), f"ublkd-{config.name}".encode(), export,
                            error_number, error, len(error)) != 0:
         message = ffi.string(error).decode(errors="replace")
+        if error_number[0] in (errno.EAFNOSUPPORT, errno.EPERM, errno.EACCES):
+            raise ConfigError(f"{config.source}: the unit's sandbox forbids reaching "
+                              f"{config.uri} ({message}); ublkd-generator allows TCP for "
+                              f"nbd:// devices: run `systemctl daemon-reload`, then start "
+                              f"ublkd@{config.name} again")
         if "connect:" in message or error_number[0] in (errno.ECONNREFUSED, errno.ETIMEDOUT):
             raise BackendError(f"{config.name}: cannot reach the NBD server of {config.uri}: "
                                f"{message}; is it running?")
