@@ -23,8 +23,9 @@ class QemuNbd:
     -e 0: any number of them, and multi-conn)."""
 
     def __init__(self, guest, image_format: str = "raw", size: str = "512M",
-                 name: str = "img"):
+                 name: str = "img", port: int | None = None):
         self.guest = guest
+        self.port = port
         self.image = f"{IMAGES}/{name}.{image_format}"
         self.socket = f"{RUN}/{name}.sock"
         self.format = image_format
@@ -35,18 +36,21 @@ class QemuNbd:
 
     @property
     def uri(self) -> str:
+        if self.port:
+            return f"nbd://127.0.0.1:{self.port}/"
         return f"nbd+unix:///?socket={self.socket}"
 
     def start(self, *options: str) -> None:
         cache = "--cache=writethrough" if self.format == "qcow2" else ""
+        where = f"-b 127.0.0.1 -p {self.port}" if self.port else f"-k {self.socket}"
         self.guest.run(f"rm -f {self.socket}; setsid qemu-nbd -t -e 0 -f {self.format} {cache} "
-                       f"{' '.join(options)} -k {self.socket} --pid-file={RUN}/qemu-nbd.pid "
+                       f"{' '.join(options)} {where} --pid-file={RUN}/qemu-nbd.pid "
                        f"{self.image} </dev/null >{RUN}/qemu-nbd.log 2>&1 &")
         self.guest.run(f"for i in $(seq 100); do nbdinfo --size '{self.uri}' >/dev/null 2>&1 "
                        f"&& exit 0; sleep 0.1; done; cat {RUN}/qemu-nbd.log; exit 1")
 
     def stop(self) -> None:
-        pattern = f"'[q]emu-nbd .*{self.socket}'"
+        pattern = f"'[q]emu-nbd .*{self.image}'"
         self.guest.run(f"pkill -KILL -f {pattern}; "
                        f"while pgrep -f {pattern} >/dev/null; do sleep 0.1; done; true")
 
@@ -149,3 +153,16 @@ def test_past_reconnect_timeout_io_fails_and_the_daemon_stays(systemd_guest, ser
     server.start()
     guest.run(f"for i in $(seq 100); do timeout 10 dd if={dev} of=/dev/null bs=4k count=1 "
               f"iflag=direct status=none && exit 0; sleep 0.1; done; exit 1", timeout=120)
+
+
+def test_an_export_over_tcp_is_reached_through_the_generators_drop_in(systemd_guest, servers):
+    """The unit allows only unix sockets; ublkd-generator adds IP for nbd:// configs."""
+    guest = systemd_guest
+    server = servers("raw", size="64M", port=10811)
+    write_config(guest, "tcp", f'backend = "nbd"\nuri = "{server.uri}"\n')
+    guest.run("systemctl daemon-reload")
+    assert "AF_INET" in guest.run("systemctl show -p RestrictAddressFamilies ublkd@tcp").stdout
+    dev = start(guest, "tcp", f'backend = "nbd"\nuri = "{server.uri}"\n')["device"]
+    guest.run(f"head -c 1M /dev/urandom > /tmp/nbd-tcp && timeout 60 dd if=/tmp/nbd-tcp "
+              f"of={dev} bs=1M oflag=direct status=none && timeout 60 cmp -n 1048576 "
+              f"/tmp/nbd-tcp {dev}")
