@@ -158,6 +158,8 @@ struct ublkd_nbd_request {
 	struct ublkd_queue *q;
 	uint16_t tag;
 	int held;		/* waiting for a connection */
+	int sent;		/* on the connection, its callback not yet run */
+	int error;		/* the errno its command failed with, until settled */
 	int32_t done;		/* the result of a success: bytes for READ/WRITE */
 };
 
@@ -177,22 +179,60 @@ static int ublkd_nbd_done(void *user_data, int *error)
 	struct ublkd_queue *q = request->q;
 	int ret;
 
-	if (*error == ENOTCONN || *error == ESHUTDOWN) {	/* the connection went */
-		ublkd_nbd_hold(q, request->tag);
+	request->sent = 0;
+	if (*error) {	/* decided once libnbd returns (ublkd_nbd_settle) */
+		request->error = *error;
+		q->nbd_failed[q->nbd_nfailed++] = request->tag;
 		return 1;
 	}
 	q->nr_io++;
-	ret = ublkd_queue_commit(q, request->tag, *error ? -*error : request->done);
+	ret = ublkd_queue_commit(q, request->tag, request->done);
 	if (ret && !q->nbd_error)
 		q->nbd_error = ret;
 	return 1;	/* retire the command */
 }
 
+/* After a libnbd call: a command that failed because the connection went
+ * (whatever errno libnbd gave it: ENOTCONN, ECONNRESET, EPIPE...) waits for
+ * the next connection; one the server refused gets its error. */
+static int ublkd_nbd_settle(struct ublkd_queue *q)
+{
+	int lost = !q->nbd || ublkd_nbd.aio_is_dead(q->nbd) || ublkd_nbd.aio_is_closed(q->nbd);
+	unsigned i;
+	int ret = 0;
+
+	for (i = 0; i < q->nbd_nfailed; i++) {
+		struct ublkd_nbd_request *request = &q->nbd_requests[q->nbd_failed[i]];
+		int error = request->error;
+
+		request->error = 0;
+		if (lost || error == ENOTCONN || error == ESHUTDOWN) {
+			ublkd_nbd_hold(q, request->tag);
+			continue;
+		}
+		q->nr_io++;
+		if (!ret)
+			ret = ublkd_queue_commit(q, request->tag, -error);
+	}
+	q->nbd_nfailed = 0;
+	return ret;
+}
+
 /* The connection is gone (or never came): drop it, try again later. */
 static void ublkd_nbd_lost(struct ublkd_queue *q, uint64_t now)
 {
+	unsigned tag;
+
+	/* nbd_close frees the commands still on the connection without calling
+	 * their callbacks: they wait for the next connection too. */
+	for (tag = 0; tag < q->depth; tag++) {
+		if (q->nbd_requests[tag].sent) {
+			q->nbd_requests[tag].sent = 0;
+			ublkd_nbd_hold(q, tag);
+		}
+	}
 	if (q->nbd)
-		ublkd_nbd.close(q->nbd);	/* frees its commands: all were failed (held) */
+		ublkd_nbd.close(q->nbd);
 	q->nbd = NULL;
 	q->nbd_connecting = 0;
 	q->nbd_polling = 0;	/* polls on the closed fd end with an error, ignored */
@@ -311,9 +351,10 @@ int ublkd_nbd_attach(struct ublkd_queue *q, const char *uri, const char *name,
 	unsigned tag;
 
 	q->nbd_requests = calloc(q->depth, sizeof(*q->nbd_requests));
+	q->nbd_failed = calloc(q->depth, sizeof(*q->nbd_failed));
 	q->nbd_uri = strdup(uri);
 	q->nbd_name = strdup(name);
-	if (!q->nbd_requests || !q->nbd_uri || !q->nbd_name) {
+	if (!q->nbd_requests || !q->nbd_failed || !q->nbd_uri || !q->nbd_name) {
 		ublkd_nbd_detach(q);
 		*error_number = ENOMEM;
 		snprintf(error, error_size, "no memory for %u requests", q->depth);
@@ -345,6 +386,8 @@ void ublkd_nbd_detach(struct ublkd_queue *q)
 	if (q->nbd)
 		ublkd_nbd.close(q->nbd);
 	free(q->nbd_requests);
+	free(q->nbd_failed);
+	q->nbd_failed = NULL;
 	free(q->nbd_uri);
 	free(q->nbd_name);
 	q->nbd = NULL;
@@ -392,6 +435,7 @@ static int ublkd_nbd_send(struct ublkd_queue *q, unsigned tag,
 	if ((d->op_flags & UBLKD_IO_F_FUA) && q->nbd_can_fua)
 		flags |= UBLKD_NBD_CMD_FLAG_FUA;
 	request->done = 0;
+	request->sent = 1;	/* the callback clears it, maybe before the call returns */
 	switch (op) {
 	case UBLKD_OP_READ:
 		request->done = (int32_t)len;
@@ -413,6 +457,10 @@ static int ublkd_nbd_send(struct ublkd_queue *q, unsigned tag,
 		cookie = ublkd_nbd.aio_zero(q->nbd, len, offset, done, flags);
 		break;
 	}
+	if (cookie == -1)
+		request->sent = 0;	/* libnbd does not call back a command it refused */
+	if (ublkd_nbd_settle(q) < 0)
+		return -EBUSY;
 	if (cookie == -1) {
 		int err = ublkd_nbd.get_errno();
 
@@ -472,6 +520,7 @@ int ublkd_nbd_polled(struct ublkd_queue *q, uint64_t user_data, int32_t res)
 {
 	unsigned bit = (user_data & 1) ? 2 : 1;
 	uint64_t now = ublkd_now_ns();
+	int ret;
 
 	if (!q->nbd || ((user_data >> 16) & 0xffff) != q->nbd_gen || !(q->nbd_polling & bit))
 		return 0;	/* a poll of a connection already dropped */
@@ -484,6 +533,9 @@ int ublkd_nbd_polled(struct ublkd_queue *q, uint64_t user_data, int32_t res)
 		ublkd_nbd.aio_notify_write(q->nbd);
 	else
 		ublkd_nbd.aio_notify_read(q->nbd);
+	ret = ublkd_nbd_settle(q);
+	if (ret < 0)
+		return ret;
 	if (q->nbd_error)
 		return q->nbd_error;
 	if (ublkd_nbd.aio_is_dead(q->nbd) || ublkd_nbd.aio_is_closed(q->nbd)) {

@@ -95,6 +95,8 @@ struct ublkd_queue {
 	int nbd_failing;	/* past the timeout: requests fail until reconnected */
 	int nbd_stopping;	/* set by Python before STOP_DEV: fail what waits */
 	unsigned nbd_held;	/* requests waiting for a connection */
+	uint16_t *nbd_failed;	/* tags whose command failed in the last libnbd call */
+	unsigned nbd_nfailed;
 	uint64_t nbd_reconnects;
 	int64_t nbd_wait_ns;	/* while disconnected: wake the loop this often */
 };
