@@ -324,7 +324,7 @@ int ublkd_nbd_tick(struct ublkd_queue *q, uint64_t now)
 	if (!q->nbd_lost_ns)
 		return 0;
 	if (!q->nbd_failing && (__atomic_load_n(&q->nbd_stopping, __ATOMIC_RELAXED) ||
-				(q->nbd_timeout_ns && now - q->nbd_lost_ns > q->nbd_timeout_ns))) {
+				(q->nbd_timeout_ns && now > q->nbd_lost_ns + q->nbd_timeout_ns))) {
 		q->nbd_failing = 1;
 		for (tag = 0; tag < q->depth && q->nbd_held; tag++) {
 			if (!q->nbd_requests[tag].held)
