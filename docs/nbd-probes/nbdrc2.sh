@@ -10,8 +10,9 @@ setsid $U serve nv >/tmp/serve.log 2>&1 < /dev/null &
 for i in $(seq 60); do $U status nv --json 2>/dev/null | grep -q '"state": "LIVE"' && break; sleep 0.5; done
 dev=/dev/ublkb0; say "live"
 (timeout 200 fio --name=v --filename=$dev --rw=randwrite --bs=4k --size=16M --ioengine=libaio --iodepth=16 --direct=1 --verify=crc32c --verify_fatal=1 --output-format=terse > /tmp/fio.log 2>&1; echo "fio rc=$?" > /tmp/fio.rc) &
+fiopid=$!
 sleep 3; pkill -KILL qemu-nbd; say "server killed"; sleep 3; startq; say "server back"
-wait; say "$(cat /tmp/fio.rc)"; cut -d';' -f1-5 /tmp/fio.log | head -2
+wait $fiopid; say "$(cat /tmp/fio.rc)"; cut -d';' -f1-5 /tmp/fio.log | head -2
 tail -3 /tmp/serve.log
 say "past timeout test"
 pkill -KILL qemu-nbd; t0=$(date +%s)
