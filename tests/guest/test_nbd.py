@@ -96,7 +96,7 @@ def test_data_reaches_the_export(systemd_guest, servers):
     dev = start(guest, "vol0", f'backend = "nbd"\nuri = "{server.uri}"\n')["device"]
     guest.run(f"head -c 4M /dev/urandom > /tmp/nbd-pattern && timeout 60 dd "
               f"if=/tmp/nbd-pattern of={dev} bs=1M seek=8 oflag=direct,sync status=none")
-    guest.run(f"timeout 60 cmp -n 4194304 /tmp/nbd-pattern {dev} 8388608")
+    guest.run(f"timeout 60 cmp -n 4194304 /tmp/nbd-pattern {dev} 0 8388608")
     guest.run(f"cmp -n 4194304 /tmp/nbd-pattern {server.image} 0 8388608")
 
 
