@@ -29,7 +29,8 @@ guest-shell: bootstrap
 clean:
 	rm -rf build .venv *.egg-info
 
-# fio in the guest: ublkd against loop and null_blk (see benchmarks/bench.py).
+# fio in the guest: ublkd against loop, null_blk and the kernel's NBD client
+# (see benchmarks/bench.py).
 bench: bootstrap
 	$(PYTHON) -m benchmarks.bench
 

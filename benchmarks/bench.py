@@ -15,6 +15,9 @@ Targets, all in the same guest, on the same backing file per backing:
   file           fio's io_uring engine straight on the backing file: the limit
   ublkd-null     ublkd's null backend
   null_blk       the kernel's null_blk (no interrupts): the reference for ublkd-null
+  ublkd-nbd      ublkd's nbd backend on qemu-nbd (the disk's file) and nbdkit memory
+  kernel-nbd     the kernel's NBD client (nbd-client -C 2): the reference for ublkd-nbd
+  fio-nbd        fio's nbd engine (libnbd, no kernel): the limit (benchmarks/nbd.py)
 Backings: "disk" = a file on ext4 on the guest's virtio disk (what a
 server has), "tmpfs" = a file in /dev/shm, "overlay" = a file in /var/tmp
 (the guest's tmpfs-backed overlay root).  For the ublkd targets the table
@@ -42,6 +45,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from benchmarks import nbd
 from tests.guest.serving import UBLKD, fio_jobs, ublkd, write_config
 from tests.testbed import Guest, GuestConfig, GuestError, prepare
 
@@ -79,11 +83,11 @@ JOBS = [
     Job("128k write qd32", "write", "128k", 32),
 ]
 
-TARGETS = ("ublkd-file", "loop", "file", "ublkd-null", "null_blk")
+TARGETS = ("ublkd-file", "loop", "file", "ublkd-null", "null_blk", *nbd.TARGETS)
 KILL_KINDS = ("worker", "main", "unit")  # benchmarks/recovery_gap.py --kill
 
 # target -> the one its ratio is taken against
-REFERENCE = {"ublkd-file": "loop", "ublkd-null": "null_blk"}
+REFERENCE = {"ublkd-file": "loop", "ublkd-null": "null_blk", "ublkd-nbd": "kernel-nbd"}
 
 
 @dataclass
@@ -141,6 +145,7 @@ class Run:
     samples: list[Sample] = field(default_factory=list)
     daemons: dict[str, dict] = field(default_factory=dict)  # target/backing -> idle/peak RSS
     recovery: dict[str, dict] = field(default_factory=dict)  # kill kind -> gaps
+    nbd_faults: list[dict] = field(default_factory=list)  # benchmarks/nbd.py
 
 
 def fio(guest: Guest, filename: str, job: Job, runtime: int, ramp: int) -> dict:
@@ -351,6 +356,7 @@ def summary(run: Run) -> str:
         if gap.get("failure"):
             lines.append(f"recovery gap ({kill}): FAILED: {gap['failure']}\n"
                          f"{gap.get('ublkd_log', '')}")
+    lines += nbd.goal_lines(run.samples) + nbd.fault_lines(run.nbd_faults)
     return "\n".join(lines)
 
 
@@ -372,6 +378,11 @@ def parse_args(argv: list[str] | None):
     parser.add_argument("--kill-kinds", default=",".join(KILL_KINDS),
                         help="recovery gap: what is killed, comma-separated: worker, main, "
                              "unit (default all)")
+    parser.add_argument("--nbd-servers", default=",".join(nbd.SERVERS),
+                        help="NBD servers the nbd targets are measured on (default "
+                             "qemu-nbd,nbdkit)")
+    parser.add_argument("--no-nbd-faults", dest="nbd_faults", action="store_false",
+                        help="skip the qemu-nbd restart under fio (ublkd-nbd, kernel-nbd)")
     parser.add_argument("--json", type=Path, default=CHECKOUT / "build" / "bench.json")
     args = parser.parse_args(argv)
     args.runtime = args.runtime or (2 if args.quick else 10)
@@ -382,8 +393,10 @@ def parse_args(argv: list[str] | None):
         parser.error(f"unknown backing {', '.join(sorted(unknown))}; known: {', '.join(BACKINGS)}")
     args.targets = [] if args.targets == "none" else args.targets.split(",")
     args.kill_kinds = args.kill_kinds.split(",")
+    args.nbd_servers = args.nbd_servers.split(",")
     for given, known, what in ((args.targets, TARGETS, "target"),
-                               (args.kill_kinds, KILL_KINDS, "kill kind")):
+                               (args.kill_kinds, KILL_KINDS, "kill kind"),
+                               (args.nbd_servers, nbd.SERVERS, "NBD server")):
         unknown = set(given) - set(known)
         if unknown:
             parser.error(f"unknown {what} {', '.join(sorted(unknown))}; known: "
@@ -423,6 +436,10 @@ def main(argv: list[str] | None = None) -> int:
         for backing in args.backings:
             bench_file(guest, backing, args, run)
         bench_null(guest, args, run)
+        if set(args.targets) & set(nbd.TARGETS):
+            image = BACKINGS["disk"] if "disk" in args.backings else prepare_backing(guest,
+                                                                                      "disk")
+            nbd.bench_nbd(guest, image, args, run)
         for kill in args.kill_kinds if args.kills else ():
             print(f"  recovery gap: {args.kills} kills ({kill}) ...",
                   file=sys.stderr, flush=True)
@@ -438,7 +455,7 @@ def main(argv: list[str] | None = None) -> int:
     args.json.write_text(json.dumps({
         "runtime_s": args.runtime, "ramp_s": args.ramp, "queues": QUEUES, "depth": DEPTH,
         "samples": [asdict(s) for s in run.samples], "daemons": run.daemons,
-        "recovery": run.recovery,
+        "recovery": run.recovery, "nbd_faults": run.nbd_faults,
         "wall_s": round(time.monotonic() - started),
     }, indent=2))
     print(f"\nJSON: {args.json}; guest logs: {log_dir}; "

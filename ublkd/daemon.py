@@ -343,6 +343,7 @@ class Device:
             # A volatile cache makes the block layer send FLUSH (the file
             # backend's fdatasync, NBD's flush).
             volatile_cache=backend.volatile_cache,
+            read_only=backend.read_only,
             discard_granularity=4096 if discard or write_zeroes else 0,
             max_discard_sectors=(1 << 30) >> 9 if discard else 0,
             max_write_zeroes_sectors=(1 << 30) >> 9 if write_zeroes else 0,

@@ -23,7 +23,7 @@ class QemuNbd:
     -e 0: any number of them, and multi-conn)."""
 
     def __init__(self, guest, image_format: str = "raw", size: str = "512M",
-                 name: str = "img", port: int | None = None):
+                 name: str = "img", port: int | None = None, options: tuple[str, ...] = ()):
         self.guest = guest
         self.port = port
         self.image = f"{IMAGES}/{name}.{image_format}"
@@ -32,7 +32,7 @@ class QemuNbd:
         guest.run(f"mkdir -p {RUN} {IMAGES} && rm -f {self.image} {self.socket} && "
                   + (f"qemu-img create -q -f qcow2 {self.image} {size}" if image_format == "qcow2"
                      else f"truncate -s {size} {self.image}"))
-        self.start()
+        self.start(*options)
 
     @property
     def uri(self) -> str:
@@ -43,16 +43,45 @@ class QemuNbd:
     def start(self, *options: str) -> None:
         cache = "--cache=writethrough" if self.format == "qcow2" else ""
         where = f"-b 127.0.0.1 -p {self.port}" if self.port else f"-k {self.socket}"
-        self.guest.run(f"rm -f {self.socket}; setsid qemu-nbd -t -e 0 -f {self.format} {cache} "
-                       f"{' '.join(options)} {where} --pid-file={RUN}/qemu-nbd.pid "
-                       f"{self.image} </dev/null >{RUN}/qemu-nbd.log 2>&1 &")
-        self.guest.run(f"for i in $(seq 100); do nbdinfo --size '{self.uri}' >/dev/null 2>&1 "
-                       f"&& exit 0; sleep 0.1; done; cat {RUN}/qemu-nbd.log; exit 1")
+        self.guest.run(f"rm -f {self.socket}")
+        serve_in_background(self.guest, f"qemu-nbd -t -e 0 -f {self.format} {cache} "
+                                         f"{' '.join(options)} {where} {self.image}", self.uri)
 
     def stop(self) -> None:
         pattern = f"'[q]emu-nbd .*{self.image}'"
         self.guest.run(f"pkill -KILL -f {pattern}; "
                        f"while pgrep -f {pattern} >/dev/null; do sleep 0.1; done; true")
+
+
+def serve_in_background(guest, command: str, uri: str) -> None:
+    """Start an NBD server that stays after the guest command returns; return
+    once `uri` answers, else fail with the server's output."""
+    log = f"{RUN}/{command.split()[0]}.log"
+    guest.run(f"mkdir -p {RUN} && setsid {command} </dev/null >{log} 2>&1 &")
+    guest.run(f"for i in $(seq 100); do nbdinfo --size '{uri}' >/dev/null 2>&1 "
+              f"&& exit 0; sleep 0.1; done; cat {log}; exit 1")
+
+
+def nbdkit_memory(guest, size: str = "256M", *options: str) -> str:
+    """`nbdkit memory` on a unix socket (its data lives as long as it does)."""
+    socket = f"{RUN}/memory.sock"
+    uri = f"nbd+unix:///?socket={socket}"
+    serve_in_background(guest, f"nbdkit -f {' '.join(options)} -U {socket} memory {size}", uri)
+    return uri
+
+
+def nbd_server(guest, size: str = "256M") -> str:
+    """nbd-server on 127.0.0.1 exporting a file, with flush, FUA and trim
+    (only its config file offers them); its URI is nbd:// (TCP)."""
+    guest.run(f"mkdir -p {RUN} {IMAGES} && truncate -s {size} {IMAGES}/nbd-server.img")
+    guest.write_file(f"{RUN}/nbd-server.conf",
+                     f"[generic]\nlistenaddr = 127.0.0.1\nport = 10810\n"
+                     f"[vol]\nexportname = {IMAGES}/nbd-server.img\n"
+                     f"flush = true\nfua = true\ntrim = true\n")
+    uri = "nbd://127.0.0.1:10810/vol"
+    serve_in_background(guest, f"nbd-server -C {RUN}/nbd-server.conf -p {RUN}/nbd-server.pid",
+                        uri)
+    return uri
 
 
 @pytest.fixture
@@ -68,7 +97,7 @@ def servers(systemd_guest):
     systemd_guest.run("systemctl stop 'ublkd@*'; true", timeout=300)
     for server in started:
         server.stop()
-    systemd_guest.run(f"rm -rf {RUN} {IMAGES}")
+    systemd_guest.run(f"pkill -KILL -x nbdkit; pkill -KILL -x nbd-server; rm -rf {RUN} {IMAGES}")
 
 
 @pytest.mark.parametrize("image_format", ["raw", "qcow2"])
@@ -166,3 +195,56 @@ def test_an_export_over_tcp_is_reached_through_the_generators_drop_in(systemd_gu
     guest.run(f"head -c 1M /dev/urandom > /tmp/nbd-tcp && timeout 60 dd if=/tmp/nbd-tcp "
               f"of={dev} bs=1M oflag=direct status=none && timeout 60 cmp -n 1048576 "
               f"/tmp/nbd-tcp {dev}")
+
+
+@pytest.mark.parametrize("server", ["nbdkit memory", "nbd-server"])
+def test_each_server_keeps_a_file_system_across_a_remount(systemd_guest, servers, server):
+    """fio writes and verifies files through ext4; after a remount fio reads
+    them back (verify_only): what was written went to the server and back."""
+    guest = systemd_guest
+    uri = nbdkit_memory(guest) if server == "nbdkit memory" else nbd_server(guest)
+    write_config(guest, "vol0", f'backend = "nbd"\nuri = "{uri}"\n')
+    guest.run("systemctl daemon-reload")  # nbd:// needs ublkd-generator's drop-in
+    dev = start(guest, "vol0", f'backend = "nbd"\nuri = "{uri}"\n')["device"]
+    job = (f"fio --name=remount --directory={MNT} --rw=randwrite --bs=4k --size=16M "
+           f"--numjobs=2 --ioengine=psync --fsync=64 --verify=crc32c --verify_fatal=1 "
+           f"--randseed=11")
+    guest.run(f"mkfs.ext4 -q {dev} && mkdir -p {MNT} && mount {dev} {MNT} && "
+              f"timeout 600 {job} && umount {MNT}", timeout=900)
+    guest.run(f"mount {dev} {MNT} && timeout 600 {job} --verify_only && umount {MNT} && "
+              f"e2fsck -fn {dev}", timeout=900)
+
+
+def test_a_read_only_export_needs_read_only_and_is_served_read_only(systemd_guest, servers):
+    guest = systemd_guest
+    server = servers("raw", size="64M", options=("-r",))
+    write_config(guest, "ro", f'backend = "nbd"\nuri = "{server.uri}"\n')
+    assert guest.run("systemctl start ublkd@ro", check=False, timeout=180).rc != 0
+    assert show(guest, "ublkd@ro", "ExecMainStatus", "NRestarts") == {
+        "ExecMainStatus": "2", "NRestarts": "0"}
+    assert "is read-only; set read_only = true" in guest.journal("-u", "ublkd@ro", "-n", "20")
+    guest.run("systemctl reset-failed ublkd@ro")
+    dev = start(guest, "ro", f'backend = "nbd"\nuri = "{server.uri}"\nread_only = true\n'
+                )["device"]
+    assert guest.run(f"blockdev --getro {dev}").stdout.strip() == "1"
+    guest.run(f"timeout 60 dd if={dev} of=/dev/null bs=1M count=4 iflag=direct status=none")
+    write = guest.run(f"timeout 60 dd if=/dev/zero of={dev} bs=4k count=1 oflag=direct "
+                      f"status=none", check=False)
+    assert write.rc != 0 and "Operation not permitted" in write.stderr, write.describe()
+
+
+def test_a_server_that_requires_tls_is_a_configuration_error(systemd_guest, servers):
+    guest = systemd_guest
+    guest.run(f"mkdir -p {RUN} && echo 'ublkd:0123456789abcdef0123456789abcdef' "
+              f"> {RUN}/psk && chmod 600 {RUN}/psk")
+    uri = f"nbd+unix:///?socket={RUN}/memory.sock"
+    guest.run(f"setsid nbdkit -f --tls=require --tls-psk={RUN}/psk -U {RUN}/memory.sock "
+              f"memory 64M </dev/null >{RUN}/nbdkit.log 2>&1 &")
+    guest.run(f"for i in $(seq 100); do test -S {RUN}/memory.sock && exit 0; sleep 0.1; done; "
+              f"cat {RUN}/nbdkit.log; exit 1")
+    write_config(guest, "tls", f'backend = "nbd"\nuri = "{uri}"\n')
+    assert guest.run("systemctl start ublkd@tls", check=False, timeout=180).rc != 0
+    guest.run("sleep 2")
+    assert show(guest, "ublkd@tls", "ExecMainStatus", "NRestarts") == {
+        "ExecMainStatus": "2", "NRestarts": "0"}
+    assert "requires TLS" in guest.journal("-u", "ublkd@tls", "-n", "20")

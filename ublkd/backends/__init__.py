@@ -56,6 +56,8 @@ class Backend(ABC):
     supports_write_zeroes: bool = False
     # A write cache that FLUSH empties: the block layer then sends FLUSH.
     volatile_cache: bool = False
+    # The device refuses writes in the block layer (the kernel's EPERM).
+    read_only: bool = False
 
     @abstractmethod
     def submit(self, ring: Ring, request: Request, user_data: int) -> int | None:

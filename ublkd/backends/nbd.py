@@ -51,6 +51,7 @@ class NbdBackend(Backend):
         self.supports_write_zeroes = export.can_zero
         self.volatile_cache = export.can_flush
         self.multi_conn = export.can_multi_conn
+        self.read_only = config.read_only
         self.config = config
 
     def queues_for(self, wanted: int) -> int:
@@ -84,9 +85,7 @@ def load_libnbd(config: DeviceConfig) -> None:
 
 
 def probe(config: DeviceConfig) -> Export:
-    """Connect once and read the handshake.  A server that cannot be reached
-    is a BackendError (systemd tries again: it may be starting); one that
-    answers but refuses the export is a mistake in the config."""
+    """Connect once and read the handshake, before any device exists."""
     from ublkd.kernel._uring import ffi, lib
 
     error = ffi.new("char[]", 512)
@@ -94,23 +93,34 @@ def probe(config: DeviceConfig) -> Export:
     export = ffi.new("struct ublkd_nbd_export *")
     if lib.ublkd_nbd_probe(config.uri.encode(), f"ublkd-{config.name}".encode(), export,
                            error_number, error, len(error)) != 0:
-        message = ffi.string(error).decode(errors="replace")
-        if error_number[0] in (errno.EAFNOSUPPORT, errno.EPERM, errno.EACCES):
-            raise ConfigError(f"{config.source}: the unit's sandbox forbids reaching "
-                              f"{config.uri} ({message}); ublkd-generator allows TCP for "
-                              f"nbd:// devices: run `systemctl daemon-reload`, then start "
-                              f"ublkd@{config.name} again")
-        if "connect:" in message or error_number[0] in (errno.ECONNREFUSED, errno.ETIMEDOUT):
-            raise BackendError(f"{config.name}: cannot reach the NBD server of {config.uri}: "
-                               f"{message}; is it running?")
-        raise ConfigError(f"{config.source}: the NBD server of {config.uri} refused the "
-                          f"export: {message}")
+        raise probe_error(config, error_number[0], ffi.string(error).decode(errors="replace"))
     return Export(size=export.size, read_only=bool(export.read_only),
                   can_flush=bool(export.can_flush), can_fua=bool(export.can_fua),
                   can_trim=bool(export.can_trim), can_zero=bool(export.can_zero),
                   can_multi_conn=bool(export.can_multi_conn),
                   block_minimum=export.block_minimum, block_preferred=export.block_preferred,
                   block_maximum=export.block_maximum)
+
+
+def probe_error(config: DeviceConfig, error_number: int, message: str) -> Exception:
+    """What a failed handshake means for the user: a server that cannot be
+    reached is a BackendError (systemd tries again: it may be starting); one
+    that answers but refuses the export is a mistake in the config."""
+    if error_number in (errno.EAFNOSUPPORT, errno.EPERM, errno.EACCES):
+        return ConfigError(f"{config.source}: the unit's sandbox forbids reaching {config.uri} "
+                           f"({message}); ublkd-generator allows TCP for nbd:// devices: run "
+                           f"`systemctl daemon-reload`, then start ublkd@{config.name} again")
+    if "connect:" in message or error_number in (errno.ECONNREFUSED, errno.ETIMEDOUT):
+        return BackendError(f"{config.name}: cannot reach the NBD server of {config.uri}: "
+                            f"{message}; is it running?")
+    if error_number == errno.ENOTSUP:
+        return ConfigError(f"{config.source}: the NBD server of {config.uri} refused the "
+                           f"export as not supported ({message}), its answer when it requires "
+                           f"TLS, which ublkd does not support yet; serve the export without "
+                           f"TLS (nbdkit --tls=off, qemu-nbd without --tls-creds) on a unix "
+                           f"socket or a trusted network")
+    return ConfigError(f"{config.source}: the NBD server of {config.uri} refused the export: "
+                       f"{message}")
 
 
 def device_size(config: DeviceConfig, export: Export) -> int:
