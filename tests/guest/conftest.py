@@ -1,7 +1,12 @@
 """Fixtures for tests that need the real ublk driver and systemd.
 
 One guest boots per test session (`guest`); a failing test gets the paths of
-the guest's console log and journal appended to its report.
+the guest's console log and journal appended to its report, and the next
+test a new boot of the guest: one failure must not fail every later test
+on its debris, nor spend the CI run's time on their timeouts.  Guest tests
+that would start after UBLKD_TEST_BUDGET minutes (default 60) of the run
+fail at once instead, so that a run that went wrong still ends with the
+summary that says what failed.
 """
 
 from __future__ import annotations
@@ -22,6 +27,9 @@ LOG_ROOT = CHECKOUT / "build" / "testbed"
 KEEP_RUNS = 5
 IN_USE_SECONDS = 3 * 3600
 REPORT: list[str] = []  # measurements shown in the terminal summary (boot times, ...)
+BUDGET_SECONDS = float(os.environ.get("UBLKD_TEST_BUDGET", 60)) * 60
+RUN_STARTED = time.monotonic()
+SPOILED: set[int] = set()  # id() of guests whose last test failed
 
 
 def new_run_dir() -> Path:
@@ -66,6 +74,24 @@ def guest(kernel: KernelBuild, guest_logs: Path):
     )
 
 
+@pytest.fixture(autouse=True)
+def guest_rebooted_after_a_failure(request):
+    """Every guest test starts within the run's budget, on a guest that the
+    previous test left in order (else it is power-cycled first)."""
+    if "guest" not in request.fixturenames:
+        return
+    spent = time.monotonic() - RUN_STARTED
+    if spent > BUDGET_SECONDS:
+        pytest.fail(f"not started: the run has used {spent / 60:.0f} of its "
+                    f"{BUDGET_SECONDS / 60:.0f} minutes (UBLKD_TEST_BUDGET); see the "
+                    f"first failures above", pytrace=False)
+    machine = request.getfixturevalue("guest")
+    if id(machine) in SPOILED:
+        machine.power_cycle()
+        SPOILED.discard(id(machine))
+        REPORT.append(f"guest power-cycled after a failure, before {request.node.nodeid}")
+
+
 @pytest.fixture
 def clean_guest(guest):
     """Each test starts and ends with no ublk device, state or backing file."""
@@ -93,7 +119,8 @@ def systemd_guest(units_installed):
     fails the test if a device or state file survived the stop."""
     guest = units_installed
     yield guest
-    guest.run("umount -q /mnt/vol0 2>/dev/null; systemctl stop 'ublkd@*' 'ublkd-giveup@*' "
+    guest.run("pkill -KILL -x fio; umount -q /mnt/vol0 2>/dev/null; "
+              "systemctl stop 'ublkd@*' 'ublkd-giveup@*' "
               "'ublkd-recover@*'; systemctl reset-failed 'ublkd*'; true", timeout=300)
     leftover = guest.run(f"find /sys/class/ublk-char/ {STATE_DIR} -mindepth 1 2>/dev/null; "
                          f"true").stdout.strip()
@@ -124,6 +151,7 @@ def pytest_runtest_makereport(item, call):
     report = outcome.get_result()
     machine = item.funcargs.get("guest") if hasattr(item, "funcargs") else None
     if report.failed and isinstance(machine, Guest):
+        SPOILED.add(id(machine))
         if machine.agent:
             machine.save_journal()
         report.sections.append(("ublkd test bed logs", machine.where_logs_are()))

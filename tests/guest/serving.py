@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from tests.testbed import Guest, Result
@@ -204,12 +205,15 @@ def run_in_background(guest, command: str, timeout: float = 1800):
     return thread, box
 
 
-def wait_in_guest(guest: Guest, condition: str, timeout: float) -> None:
-    """Poll the shell `condition` in the guest (every 0.2 s) until it holds."""
+def wait_in_guest(guest: Guest, condition: str, timeout: float,
+                  explain: Callable[[], str] = lambda: "") -> None:
+    """Poll the shell `condition` in the guest (every 0.2 s) until it holds;
+    `explain()` adds what the failure report needs to be read from CI's
+    output alone (the guest's logs stay on the machine that ran it)."""
     rounds = int(timeout / 0.2)
     result = guest.run(f"for i in $(seq {rounds}); do {{ {condition} ; }} && exit 0; "
                        f"sleep 0.2; done; exit 1", check=False, timeout=timeout * 3 + 60)
-    assert result.rc == 0, f"not true after {timeout} s in the guest: {condition}"
+    assert result.rc == 0, f"not true after {timeout} s in the guest: {condition}\n{explain()}"
 
 
 class FioThroughExt4:

@@ -125,11 +125,12 @@ def test_a_failed_queue_ends_the_worker_like_a_crash_under_fio_through_ext4(syst
     application = FioThroughExt4(guest, dev, MNT)
     guest.run("sleep 2")
     # Every thread's next io_uring_enter fails; strace ends with the worker.
-    guest.run(f"timeout 120 strace -f -qq -o /dev/null -e trace=io_uring_enter "
-              f"-e inject=io_uring_enter:error=EBUSY:when=1 -p {status['pid']}",
-              check=False, timeout=180)
+    strace = guest.run(f"timeout 120 strace -f -qq -o /dev/null -e trace=io_uring_enter "
+                       f"-e inject=io_uring_enter:error=EBUSY:when=1 -p {status['pid']}",
+                       check=False, timeout=180)
     wait_in_guest(guest, f"{journal.command('ublkd@vol0')} | grep -q 'vol0: recovered {dev}'",
-                  timeout=120)
+                  timeout=120, explain=lambda: f"strace: {strace.describe()}\n"
+                                               f"journal:\n{journal.of('ublkd@vol0')}")
     application.finish()
     unit = show(guest, "ublkd@vol0", "NRestarts", "ActiveState", "MainPID")
     assert unit == {"NRestarts": "0", "ActiveState": "active", "MainPID": main}

@@ -290,6 +290,13 @@ class Guest:
         self.shutdown()
         self.boot()
 
+    def power_cycle(self) -> None:
+        """Pull the plug and boot again: for a guest in an unknown state (a
+        failed test's fio still running on a device with no server), whose
+        clean shutdown could itself hang."""
+        self.kill()
+        self.boot()
+
     # -- using the guest -----------------------------------------------------
     def run(
         self,
