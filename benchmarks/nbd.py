@@ -96,6 +96,8 @@ def bench_server(guest: Guest, kind: str, image: str, args, run) -> None:
     args.jobs = [job for job in args.jobs if job.name in JOB_NAMES]
     server = Server(guest, kind, image)
     server.start()
+    if kind == "qemu-nbd":  # every client then reads from the page cache, not the first alone
+        guest.run(f"cat {image} > /dev/null", timeout=600)
     try:
         if "ublkd-nbd" in args.targets:
             daemon = start_daemon(guest, "benchnbd", f'backend = "nbd"\nuri = "{URI}"\n')

@@ -212,6 +212,11 @@ def test_deb_contents_dependencies_and_offline_install(debs, tmp_path):
     assert {"python3-cffi-backend", "python3-sdnotify", "python3-pystemd", "liburing2",
             "python3"} <= depends, depends
     assert not depends & {"python3-cffi", "python3-pydbus"}, depends  # nothing imports them
+    # libnbd is loaded only for nbd devices: file devices pull nothing NBD.
+    assert not any("nbd" in name for name in depends), depends
+    suggests = subprocess.run(["dpkg-deb", "-f", str(deb), "Suggests"], check=True,
+                              capture_output=True, text=True).stdout
+    assert "libnbd0" in suggests, suggests
     # apt would install nothing but the package itself: the guest (no network)
     # finds every dependency installed.
     plan = subprocess.run(["apt-get", "install", "--simulate", "--no-install-recommends",
