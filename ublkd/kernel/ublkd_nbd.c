@@ -32,7 +32,7 @@ static const struct ublkd_nbd_symbol ublkd_nbd_symbols[] = {
 	SYMBOL(aio_notify_read, 0), SYMBOL(aio_notify_write, 0), SYMBOL(aio_is_dead, 0),
 	SYMBOL(aio_is_closed, 0), SYMBOL(aio_in_flight, 0), SYMBOL(aio_pread, 0),
 	SYMBOL(aio_pwrite, 0), SYMBOL(aio_flush, 0), SYMBOL(aio_trim, 0), SYMBOL(aio_zero, 0),
-	SYMBOL(set_pread_initialize, 1),
+	SYMBOL(set_pread_initialize, 1), SYMBOL(set_request_structured_replies, 0),
 };
 
 /* Load libnbd once; 0, or -1 with what failed in `error`.  Not thread-safe:
@@ -74,26 +74,42 @@ static void ublkd_nbd_fail(int *error_number, char *error, unsigned error_size)
 	snprintf(error, error_size, "%s", message ? message : "unknown libnbd error");
 }
 
-/* A new handle connected to `uri`: TLS refused, TCP or a unix socket only
- * (the config allows no more).  Blocking: Python calls it with the GIL
+/* A new handle, not connected: TLS refused, TCP or a unix socket only (the
+ * config allows no more); NULL on failure. */
+static struct nbd_handle *ublkd_nbd_handle(const char *name)
+{
+	struct nbd_handle *h = ublkd_nbd.create();
+
+	if (!h)
+		return NULL;
+	if (ublkd_nbd.set_handle_name(h, name) == -1 ||
+	    ublkd_nbd.set_uri_allow_tls(h, UBLKD_NBD_TLS_DISABLE) == -1 ||
+	    ublkd_nbd.set_uri_allow_transports(h, UBLKD_NBD_ALLOW_TRANSPORT_TCP |
+					       UBLKD_NBD_ALLOW_TRANSPORT_UNIX) == -1 ||
+	    /* A READ answered in a simple reply takes 2 recv() calls, in a
+	     * structured reply's chunk 4 (seen with strace in the guest); ublkd
+	     * needs nothing structured replies add (holes, block status). */
+	    ublkd_nbd.set_request_structured_replies(h, false) == -1) {
+		ublkd_nbd.close(h);
+		return NULL;
+	}
+	if (ublkd_nbd.set_pread_initialize)	/* a failed READ's buffer is never copied */
+		ublkd_nbd.set_pread_initialize(h, false);
+	return h;
+}
+
+/* A new handle connected to `uri`.  Blocking: Python calls it with the GIL
  * released.  NULL on failure, with libnbd's errno and message. */
 static struct nbd_handle *ublkd_nbd_connect(const char *uri, const char *name,
 					    int *error_number, char *error,
 					    unsigned error_size)
 {
-	struct nbd_handle *h = ublkd_nbd.create();
+	struct nbd_handle *h = ublkd_nbd_handle(name);
 
-	if (!h) {
+	if (!h || ublkd_nbd.connect_uri(h, uri) == -1) {
 		ublkd_nbd_fail(error_number, error, error_size);
-		return NULL;
-	}
-	if (ublkd_nbd.set_handle_name(h, name) == -1 ||
-	    ublkd_nbd.set_uri_allow_tls(h, UBLKD_NBD_TLS_DISABLE) == -1 ||
-	    ublkd_nbd.set_uri_allow_transports(h, UBLKD_NBD_ALLOW_TRANSPORT_TCP |
-					       UBLKD_NBD_ALLOW_TRANSPORT_UNIX) == -1 ||
-	    ublkd_nbd.connect_uri(h, uri) == -1) {
-		ublkd_nbd_fail(error_number, error, error_size);
-		ublkd_nbd.close(h);
+		if (h)
+			ublkd_nbd.close(h);
 		return NULL;
 	}
 	return h;
@@ -245,29 +261,11 @@ static void ublkd_nbd_lost(struct ublkd_queue *q, uint64_t now)
 	q->nbd_wait_ns = (int64_t)UBLKD_NBD_BACKOFF_MIN;
 }
 
-static struct nbd_handle *ublkd_nbd_new_handle(struct ublkd_queue *q)
-{
-	struct nbd_handle *h = ublkd_nbd.create();
-
-	if (!h)
-		return NULL;
-	if (ublkd_nbd.set_handle_name(h, q->nbd_name) == -1 ||
-	    ublkd_nbd.set_uri_allow_tls(h, UBLKD_NBD_TLS_DISABLE) == -1 ||
-	    ublkd_nbd.set_uri_allow_transports(h, UBLKD_NBD_ALLOW_TRANSPORT_TCP |
-					       UBLKD_NBD_ALLOW_TRANSPORT_UNIX) == -1) {
-		ublkd_nbd.close(h);
-		return NULL;
-	}
-	if (ublkd_nbd.set_pread_initialize)	/* a failed READ's buffer is never copied */
-		ublkd_nbd.set_pread_initialize(h, false);
-	return h;
-}
-
 /* Start connecting without blocking (for TCP, libnbd resolves the host
  * name synchronously: use an address in `uri` where that matters). */
 static void ublkd_nbd_reconnect(struct ublkd_queue *q, uint64_t now)
 {
-	struct nbd_handle *h = ublkd_nbd_new_handle(q);
+	struct nbd_handle *h = ublkd_nbd_handle(q->nbd_name);
 
 	q->nbd_reconnects++;
 	if (!h || ublkd_nbd.aio_connect_uri(h, q->nbd_uri) == -1) {
@@ -374,8 +372,6 @@ int ublkd_nbd_attach(struct ublkd_queue *q, const char *uri, const char *name,
 		q->nbd_retry_ns = 0;	/* the loop tries at once */
 		return 1;
 	}
-	if (ublkd_nbd.set_pread_initialize)
-		ublkd_nbd.set_pread_initialize(q->nbd, false);
 	q->nbd_fd = ublkd_nbd.aio_get_fd(q->nbd);
 	q->nbd_can_fua = ublkd_nbd.can_fua(q->nbd) == 1;
 	return 0;

@@ -72,6 +72,7 @@ struct ublkd_nbd_api {
 			    struct ublkd_nbd_completion done, uint32_t flags);
 	/* libnbd 1.12 and later; NULL before. */
 	int (*set_pread_initialize)(struct nbd_handle *h, bool request);
+	int (*set_request_structured_replies)(struct nbd_handle *h, bool request);
 };
 
 extern struct ublkd_nbd_api ublkd_nbd;
