@@ -61,6 +61,7 @@ class Queue:
         self.handover = _HandoverEvent(self)
         self.handed_over = threading.Event()  # nothing left in the server; ring kept open
         self.error: BaseException | None = None
+        self.failed = threading.Event()  # the loop failed while serving; the ring stays open
         self.heartbeat = time.monotonic()  # the loop ran; for the watchdog
         self.thread = threading.Thread(target=self._run, name=f"ublk-queue-{q_id}", daemon=True)
         self._loop: QueueLoop | None = None
@@ -82,7 +83,8 @@ class Queue:
 
     @property
     def alive(self) -> bool:
-        return self.thread.is_alive()
+        """Serving, or able to: False once the thread ended or failed."""
+        return self.thread.is_alive() and not self.failed.is_set()
 
     def stalled_since(self) -> float | None:
         """time.monotonic() at which the oldest request still being served came in.
@@ -124,6 +126,10 @@ class Queue:
                     self._use_fast_path(loop)
                     self._loop = loop
                     self._serve_loop(ring, loop, descriptors)
+                except Exception as exc:
+                    if self.fetching.is_set():
+                        self._stop_serving_with_the_ring_open(exc)
+                    raise
                 finally:
                     loop.close()
         finally:
@@ -196,6 +202,20 @@ class Queue:
                 else:
                     log.error("queue %d tag %d: ublk command failed: %d", self.q_id, tag, result)
                     active -= 1
+
+    def _stop_serving_with_the_ring_open(self, error: Exception) -> None:
+        """A queue that fails while it serves (its ring call refused, say)
+        keeps its ring open, for the reason _stay_until_process_exit gives:
+        one ring closed while the other queues served left the 6.12 driver's
+        quiesce waiting forever, and the next worker's START_USER_RECOVERY
+        with it (seen in the guest in 2 full test runs of 3,
+        test_a_failed_queue_ends_the_worker_like_a_crash...).  The daemon
+        sees `alive` turn False and ends the process like a crash, which
+        closes every ring at once; a stop (join_queues) lets the thread go."""
+        log.error("queue %d failed while serving", self.q_id, exc_info=error)
+        self.error = error
+        self.failed.set()
+        self.stop.wait()
 
     def _stay_until_process_exit(self) -> None:
         """After a hand-over the ring must not be closed by this thread alone.
