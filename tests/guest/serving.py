@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from tests.testbed import Guest, Result
+from tests.testbed import Guest, GuestError, Result
 
 CHECKOUT = Path(__file__).resolve().parents[2]
 UBLKD = str(CHECKOUT / ".venv" / "bin" / "ublkd")
@@ -198,9 +198,14 @@ def devnum(guest, path: str) -> str:
 def run_in_background(guest, command: str, timeout: float = 1800):
     """Run `command` in the guest from a host thread; returns (thread, box)."""
     box: list[Result] = []
-    thread = threading.Thread(
-        target=lambda: box.append(guest.run(command, check=False, timeout=timeout)),
-        daemon=True)
+
+    def run() -> None:
+        try:
+            box.append(guest.run(command, check=False, timeout=timeout))
+        except GuestError:
+            pass  # the guest went away (power-cycled after a failure): box stays empty
+
+    thread = threading.Thread(target=run, daemon=True)
     thread.start()
     return thread, box
 

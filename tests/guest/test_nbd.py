@@ -110,12 +110,14 @@ def test_an_export_serves_ext4_and_survives_kills_of_ublkd(systemd_guest, server
     assert status["backend"] == "nbd" and status["size"] == "512 MiB"
     dev = status["device"]
     application = FioThroughExt4(guest, dev, MNT)
-    for who in ("main", "unit"):
+    # The whole unit (systemd restarts it) on both; `ublkd serve` alone on raw.
+    kills = ("main", "unit") if image_format == "raw" else ("unit",)
+    for who in kills:
         guest.run("sleep 2")
         kill_and_wait_live(guest, "vol0", who=who)
     application.finish()
     log = journal.of("ublkd@vol0")
-    assert len(re.findall(rf"vol0: recovered {dev}", log)) == 2, log
+    assert len(re.findall(rf"vol0: recovered {dev}", log)) == len(kills), log
     if image_format == "qcow2":
         guest.run(f"qemu-img check -q {server.image}", check=False)
 
@@ -207,7 +209,7 @@ def test_each_server_keeps_a_file_system_across_a_remount(systemd_guest, servers
     write_config(guest, "vol0", f'backend = "nbd"\nuri = "{uri}"\n')
     guest.run("systemctl daemon-reload")  # nbd:// needs ublkd-generator's drop-in
     dev = start(guest, "vol0", f'backend = "nbd"\nuri = "{uri}"\n')["device"]
-    job = (f"fio --name=remount --directory={MNT} --rw=randwrite --bs=4k --size=16M "
+    job = (f"fio --name=remount --directory={MNT} --rw=randwrite --bs=4k --size=8M "
            f"--numjobs=2 --ioengine=psync --fsync=64 --verify=crc32c --verify_fatal=1 "
            f"--randseed=11")
     guest.run(f"mkfs.ext4 -q {dev} && mkdir -p {MNT} && mount {dev} {MNT} && "
