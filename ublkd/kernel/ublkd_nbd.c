@@ -288,10 +288,25 @@ static void ublkd_nbd_reconnect(struct ublkd_queue *q, uint64_t now)
 /* Answer a held request now: send it again, or fail it. */
 static int ublkd_nbd_release(struct ublkd_queue *q, unsigned tag, int fail);
 
+/* Every held request: sent on the new connection, or failed with EIO. */
+static int ublkd_nbd_release_held(struct ublkd_queue *q, int fail)
+{
+	unsigned tag;
+	int ret;
+
+	for (tag = 0; tag < q->depth && q->nbd_held; tag++) {
+		if (!q->nbd_requests[tag].held)
+			continue;
+		ret = ublkd_nbd_release(q, tag, fail);
+		if (ret < 0)
+			return ret;
+	}
+	return 0;
+}
+
 /* Connected again: send what was held. */
 static int ublkd_nbd_connected(struct ublkd_queue *q)
 {
-	unsigned tag;
 	int ret;
 
 	q->nbd_connecting = 0;
@@ -300,13 +315,9 @@ static int ublkd_nbd_connected(struct ublkd_queue *q)
 	q->nbd_failing = 0;
 	q->nbd_wait_ns = 0;
 	q->nbd_can_fua = ublkd_nbd.can_fua(q->nbd) == 1;
-	for (tag = 0; tag < q->depth && q->nbd_held; tag++) {
-		if (!q->nbd_requests[tag].held)
-			continue;
-		ret = ublkd_nbd_release(q, tag, 0);
-		if (ret < 0)
-			return ret;
-	}
+	ret = ublkd_nbd_release_held(q, 0);
+	if (ret < 0)
+		return ret;
 	return ublkd_nbd_arm(q);
 }
 
@@ -314,7 +325,6 @@ static int ublkd_nbd_connected(struct ublkd_queue *q)
  * fails held requests once reconnect_timeout has passed. */
 int ublkd_nbd_tick(struct ublkd_queue *q, uint64_t now)
 {
-	unsigned tag;
 	int ret;
 
 	if (q->nbd && q->nbd_connecting && ublkd_nbd.aio_is_ready(q->nbd) == 1)
@@ -324,13 +334,9 @@ int ublkd_nbd_tick(struct ublkd_queue *q, uint64_t now)
 	if (!q->nbd_failing && (__atomic_load_n(&q->nbd_stopping, __ATOMIC_RELAXED) ||
 				(q->nbd_timeout_ns && now > q->nbd_lost_ns + q->nbd_timeout_ns))) {
 		q->nbd_failing = 1;
-		for (tag = 0; tag < q->depth && q->nbd_held; tag++) {
-			if (!q->nbd_requests[tag].held)
-				continue;
-			ret = ublkd_nbd_release(q, tag, 1);
-			if (ret < 0)
-				return ret;
-		}
+		ret = ublkd_nbd_release_held(q, 1);
+		if (ret < 0)
+			return ret;
 	}
 	if (now < q->nbd_retry_ns)
 		return 0;
