@@ -39,6 +39,11 @@ bench: bootstrap
 UBLKD ?= $(abspath .venv/bin/ublkd)
 UNITDIR ?= /etc/systemd/system
 GENERATORDIR ?= /etc/systemd/system-generators
+# The D-Bus API's bus files and polkit action (where the bus and polkit
+# look for a local administrator's files; the packages use /usr/share).
+DBUSPOLICYDIR ?= /etc/dbus-1/system.d
+DBUSSERVICEDIR ?= /usr/local/share/dbus-1/system-services
+POLKITACTIONDIR ?= /usr/share/polkit-1/actions
 install-units:
 	install -d $(UNITDIR)
 	for unit in units/*.service; do \
@@ -47,7 +52,13 @@ install-units:
 	install -D -m 0644 units/modprobe@ublk_drv.service.d/ublkd.conf \
 		$(UNITDIR)/modprobe@ublk_drv.service.d/ublkd.conf
 	install -D -m 0755 units/generators/ublkd-generator $(GENERATORDIR)/ublkd-generator
+	install -D -m 0644 units/dbus-1/system.d/org.ublkd1.conf $(DBUSPOLICYDIR)/org.ublkd1.conf
+	install -D -m 0644 units/dbus-1/system-services/org.ublkd1.service \
+		$(DBUSSERVICEDIR)/org.ublkd1.service
+	install -D -m 0644 units/polkit-1/actions/org.ublkd1.policy \
+		$(POLKITACTIONDIR)/org.ublkd1.policy
 	systemctl daemon-reload
+	systemctl reload dbus.service
 
 # Distro packages (docs/packaging.md).  `deb` installs its build dependencies
 # with apt-get, builds build/deb/ublkd_VERSION_ARCH.deb and runs lintian;

@@ -10,12 +10,12 @@ import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from ublkd import __version__, daemon, handover, identity, systemd
-from ublkd.config import conf_dir, format_size, load_config, validate_name
+from ublkd import __version__, daemon, handover, inventory, systemd
+from ublkd.config import load_config, validate_name
 from ublkd.errors import EXIT_INTERNAL, DeviceNotFoundError, UblkdError
 from ublkd.kernel import uapi
-from ublkd.kernel.control import ControlDevice, DeviceInfo, device_ids
-from ublkd.state import DeviceState, list_states, load_state
+from ublkd.kernel.control import ControlDevice
+from ublkd.state import load_state
 from ublkd.supervisor import Supervisor
 from ublkd.systemd import setup_logging
 
@@ -181,6 +181,14 @@ def build_parser() -> argparse.ArgumentParser:
                                                "kernel's ublk driver (GET_FEATURES).")
     features.add_argument("--json", action="store_true", help="print JSON")
     features.set_defaults(func=cmd_features)
+
+    bus = commands.add_parser(
+        "dbus", help="serve the D-Bus API org.ublkd1 on the system bus",
+        description="Publish ublkd's devices on the system bus as org.ublkd1 (see ublkd(8), "
+                    "\"D-BUS API\") until SIGTERM. Normally the bus starts it when a client "
+                    "first calls org.ublkd1 (ublkd-dbus.service); it holds no state of its "
+                    "own, so stopping or killing it touches no device.")
+    bus.set_defaults(func=cmd_dbus)
     return parser
 
 
@@ -248,7 +256,7 @@ def cmd_upgrade(args: argparse.Namespace) -> int:
 def cmd_list(args: argparse.Namespace) -> int:
     daemon.require_root()
     with contextlib.closing(ControlDevice()) as control:
-        rows = device_rows(control)
+        rows = inventory.device_rows(control)
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
@@ -260,7 +268,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     name = validate_name(args.name)
     daemon.require_root()
     with contextlib.closing(ControlDevice()) as control:
-        rows = [row for row in device_rows(control) if row["name"] == name]
+        rows = [row for row in inventory.device_rows(control) if row["name"] == name]
     if not rows:
         raise DeviceNotFoundError(f"{name}: ublkd has no state for it (not started?)")
     row = rows[0]
@@ -312,6 +320,13 @@ def cmd_features(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_dbus(_args: argparse.Namespace) -> int:
+    daemon.require_root()
+    from ublkd import dbus_service  # pydbus and GLib: only this command needs them
+
+    return dbus_service.serve()
+
+
 # -- helpers -------------------------------------------------------------------
 LIST_COLUMNS = ("name", "id", "device", "state", "pid", "backend", "size")
 
@@ -323,53 +338,6 @@ def list_table(rows: list[dict]) -> str:
     lines = [[c.upper() for c in LIST_COLUMNS], *table]
     return "".join("  ".join(v.ljust(w) for v, w in zip(line, widths, strict=True)).rstrip()
                    + "\n" for line in lines)
-
-
-def device_rows(control: ControlDevice) -> list[dict]:
-    """One row per kernel device or state file, joined on the device id."""
-    states: dict[int, DeviceState] = {}
-    rows = []
-    for entry in list_states():
-        if isinstance(entry, UblkdError):
-            log.warning("%s", entry)
-        else:
-            states[entry.dev_id] = entry
-    configured = names_by_cookie()
-    for dev_id in sorted(set(device_ids()) | set(states)):
-        try:
-            info: DeviceInfo | None = control.get_info(dev_id)
-        except DeviceNotFoundError:
-            info = None
-        state = states.get(dev_id)
-        name = state.name if state else configured.get(info.cookie) if info else None
-        rows.append(device_row(dev_id, name, info, state))
-    return rows
-
-
-def names_by_cookie() -> dict[int, str]:
-    """Every configured device's name by its cookie: names a kernel device whose
-    state file is corrupt or lost."""
-    return {identity.cookie_of(path.stem): path.stem for path in conf_dir().glob("*.toml")}
-
-
-def device_row(dev_id: int, name: str | None, info: DeviceInfo | None,
-               state: DeviceState | None) -> dict:
-    config = state.config if state else {}
-    return {
-        "name": name,
-        "id": dev_id,
-        "device": f"/dev/ublkb{dev_id}",
-        "state": info.state_name if info else "gone",
-        "pid": info.pid if info and info.pid > 0 else None,
-        "backend": config.get("backend"),
-        "path": config.get("path"),
-        "size": format_size(state.params["dev_sectors"] << 9) if state else None,
-        "recovery": config.get("recovery"),
-        "queues": info.nr_queues if info else None,
-        "queue_depth": info.queue_depth if info else None,
-        "generation": state.generation if state else None,
-        "version": state.version if state else None,
-    }
 
 
 if __name__ == "__main__":

@@ -132,7 +132,7 @@ def validate_name(name: str) -> str:
     The name becomes the systemd instance ublkd@NAME and the file names
     NAME.toml and NAME.json, so it must be safe as both: no '/', no '..'.
     """
-    problem = _name_problem(name)
+    problem = name_problem(name)
     if problem:
         raise ConfigError(
             f"device name {name!r} is invalid: {problem}; the name is the systemd instance "
@@ -141,7 +141,7 @@ def validate_name(name: str) -> str:
     return name
 
 
-def _name_problem(name: str) -> str | None:
+def name_problem(name: str) -> str | None:
     """What is wrong with a device name, or None."""
     if not name:
         return "it is empty"

@@ -19,6 +19,8 @@ from typing import TYPE_CHECKING
 from ublkd.errors import DeviceNotFoundError, KernelError, MissingDependencyError
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     import sdnotify
 
 log = logging.getLogger(__name__)
@@ -211,12 +213,14 @@ def unit_state(unit: str) -> tuple[str, str, int]:
                 int(handle.Service.MainPID))
 
 
-def hand_over(unit: str, timeout: float = 120.0) -> None:
+def hand_over(unit: str, timeout: float = 120.0,
+              pause: Callable[[float], None] = time.sleep) -> None:
     """SIGUSR2 to the unit's daemon, then wait for its successor to be READY.
 
     The daemon finishes its backend I/O and exits (EXIT_HANDED_OVER); the
     unit restarts it from the binary installed now, which recovers the
-    device.
+    device.  `pause` waits between polls: the D-Bus service passes one that
+    keeps its main loop serving other clients meanwhile.
     """
     active, _, old = unit_state(unit)
     if active != "active" or old <= 0:
@@ -228,7 +232,7 @@ def hand_over(unit: str, timeout: float = 120.0) -> None:
         active, sub, pid = unit_state(unit)
         if active == "active" and sub == "running" and pid not in (0, old):
             return
-        time.sleep(0.1)
+        pause(0.1)
     raise KernelError(
         f"{unit}: no new daemon READY {timeout:.0f} s after the hand-over "
         f"({active}/{sub}); see `journalctl -u {unit}`"

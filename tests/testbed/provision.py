@@ -50,6 +50,9 @@ HOST_PACKAGES = (
     "nbd-client",
     "libnbd-bin",
     "libnbd-dev",
+    # The D-Bus API's tests (tests/guest/test_dbus.py): polkit decides for
+    # callers that are not root; pydbus (scripts/bootstrap) is the client.
+    "polkitd",
 )
 
 # Modules the initramfs loads to reach the 9p root; everything else comes
