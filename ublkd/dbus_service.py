@@ -129,7 +129,7 @@ DEVICE_PROPERTIES: tuple[tuple[str, str, str], ...] = (
                         "not created."),
     ("Recoveries", "u", "How often a new daemon recovered the device (crashes, kills, "
                         "hand-overs)."),
-    ("ServerPid", "u", "The pid of the daemon serving the device, 0 when none does."),
+    ("ServerPid", "u", "The pid of the daemon serving the device; 0 unless State is LIVE."),
     ("UnitActiveState", "s", "ActiveState of ublkd@NAME.service."),
 )
 
@@ -198,7 +198,8 @@ def device_properties(row: dict, active_state: str) -> dict[str, Any]:
         "RecoveryMode": row["recovery"] or "",
         "Generation": row["generation"] or 0,
         "Recoveries": row["recoveries"] or 0,
-        "ServerPid": row["pid"] or 0,
+        # The kernel keeps a dead daemon's pid while the device waits (QUIESCED).
+        "ServerPid": row["pid"] or 0 if row["state"] == "LIVE" else 0,
         "UnitActiveState": active_state,
     }
 
