@@ -32,7 +32,11 @@ from tests.testbed import Guest, GuestConfig, KernelBuild
 UBLKD = "/usr/bin/ublkd"
 PYTHON_DIR = "/usr/lib/python3/dist-packages/ublkd"
 UNIT_DIR = "/lib/systemd/system"
-UNITS = ("ublkd@.service", "ublkd-giveup@.service", "ublkd-recover@.service")
+UNITS = ("ublkd@.service", "ublkd-giveup@.service", "ublkd-recover@.service",
+         "ublkd-dbus.service")
+BUS_FILES = ("usr/share/dbus-1/system-services/org.ublkd1.service",
+             "usr/share/dbus-1/system.d/org.ublkd1.conf",
+             "usr/share/polkit-1/actions/org.ublkd1.policy")
 BACKING = "/var/tmp/vol0.img"
 MNT = "/mnt/vol0"
 # The upgrade test's devices: one handed over (a '-' in its name: the
@@ -191,13 +195,16 @@ def test_deb_contents_dependencies_and_offline_install(debs, tmp_path):
     for path in ("usr/bin/ublkd", *(f"lib/systemd/system/{unit}" for unit in UNITS),
                  "usr/share/man/man8/ublkd.8.gz", "usr/share/man/man5/ublkd.toml.5.gz",
                  "usr/share/doc/ublkd/README.md", "usr/share/doc/ublkd/copyright",
-                 "etc/needrestart/conf.d/ublkd.conf"):
+                 "etc/needrestart/conf.d/ublkd.conf", *BUS_FILES):
         assert (tmp_path / path).is_file(), path
     assert (tmp_path / "etc/ublkd").is_dir()
     assert list(tmp_path.glob("usr/lib/python3/dist-packages/ublkd/kernel/_uring*.so"))
     for unit in UNITS:  # the units as they are in the checkout
         assert (tmp_path / "lib/systemd/system" / unit).read_text() == \
             (CHECKOUT / "units" / unit).read_text()
+    for path in BUS_FILES:
+        assert (tmp_path / path).read_text() == \
+            (CHECKOUT / "units" / path.removeprefix("usr/share/")).read_text()
     # The example is where ublkd's "no config file" error says, and valid.
     from ublkd.config import EXAMPLE_CONFIG, parse_config
     example = tmp_path / EXAMPLE_CONFIG.lstrip("/")
@@ -209,9 +216,9 @@ def test_deb_contents_dependencies_and_offline_install(debs, tmp_path):
                             check=True, capture_output=True, text=True).stdout
     depends = {re.split(r"[ (:]", d.strip())[0] for d in fields.split("\n")[0]
                .removeprefix("Depends:").split(",")}
-    assert {"python3-cffi-backend", "python3-sdnotify", "python3-pystemd", "liburing2",
-            "python3"} <= depends, depends
-    assert not depends & {"python3-cffi", "python3-pydbus"}, depends  # nothing imports them
+    assert {"python3-cffi-backend", "python3-sdnotify", "python3-pystemd", "python3-pydbus",
+            "liburing2", "python3"} <= depends, depends
+    assert "python3-cffi" not in depends, depends  # the build needs it, nothing run imports it
     # libnbd is loaded only for nbd devices: file devices pull nothing NBD.
     assert not any("nbd" in name for name in depends), depends
     suggests = subprocess.run(["dpkg-deb", "-f", str(deb), "Suggests"], check=True,
@@ -242,7 +249,7 @@ def test_installed_package_serves_and_survives_kill_9(package, report):
         "disabled"
     # The man pages are installed: Documentation=man:... resolves.
     result = guest.run("systemd-analyze verify ublkd@vol0.service ublkd-giveup@vol0.service "
-                       "ublkd-recover@vol0.service 2>&1", check=False)
+                       "ublkd-recover@vol0.service ublkd-dbus.service 2>&1", check=False)
     assert result.rc == 0 and result.stdout.strip() == "", result.describe()
 
     before = start_vol0(guest)
@@ -261,6 +268,12 @@ def test_installed_package_serves_and_survives_kill_9(package, report):
     assert f"{dev} {MNT} ext4" in guest.read_file("/proc/mounts")
     data_intact(guest)
     guest.run(f"umount {MNT} && e2fsck -fn {dev}")
+    # The package's D-Bus API, started by the bus on the first call.
+    state = guest.run("busctl get-property org.ublkd1 /org/ublkd1/devices/vol0 "
+                      "org.ublkd1.Device State ServerPid").stdout.split("\n")
+    assert state[:2] == ['s "LIVE"', f"u {after['pid']}"], state
+    assert show(guest, "ublkd-dbus", "FragmentPath")["FragmentPath"] == \
+        f"{UNIT_DIR}/ublkd-dbus.service"
 
 
 def test_upgrade_under_fio_hands_the_device_over_to_the_new_version(package, debs, report):

@@ -28,7 +28,7 @@ def test_units_verify_clean(units_installed):
     guest = units_installed
     result = guest.run("systemd-analyze verify --man=no ublkd@vol0.service "
                        "ublkd-giveup@vol0.service "
-                       "ublkd-recover@vol0.service 2>&1", check=False)
+                       "ublkd-recover@vol0.service ublkd-dbus.service 2>&1", check=False)
     assert result.rc == 0 and result.stdout.strip() == "", result.describe()
 
 
