@@ -18,7 +18,7 @@ The properties change without a call of ours (a daemon crashes, systemd
 restarts it, the new one recovers the device), so the service watches what
 announces such changes: systemd's signals for ublkd@ units and the state and
 configuration directories.  After each such event it reads every device
-four times a second for two seconds, and every five seconds regardless: a
+four times a second for two seconds, and every ten seconds regardless: a
 change is signalled within about a quarter of a second of the event, with
 no polling by clients.
 """
@@ -62,7 +62,14 @@ ERROR_PREFIX = "org.ublkd1.Error."
 
 BURST_SECONDS = 2.0  # after an event, read the devices for this long ...
 BURST_INTERVAL_MS = 250  # ... this often
-BACKSTOP_INTERVAL_S = 5  # and always this often, for what no event announces
+BACKSTOP_INTERVAL_S = 10  # and always this often, for what no event announces
+# The units whose state changes a device's properties (ublkd@, and the
+# recover and give-up units that act on it), as systemd's object paths
+# spell them, and the unit properties whose change means "look again":
+# systemd sends PropertiesChanged for every watchdog ping and STATUS= too.
+UNIT_PATHS = tuple(f"/org/freedesktop/systemd1/unit/{prefix}" for prefix in
+                   ("ublkd_40", "ublkd_2drecover_40", "ublkd_2dgiveup_40"))
+UNIT_PROPERTIES = ("ActiveState", "SubState", "MainPID")
 JOB_TIMEOUT_S = 300.0  # a start may recover a device whose backend is slow
 
 DOC = "org.gtk.GDBus.DocString"  # the annotation gdbus-codegen and d-feet show
@@ -298,6 +305,7 @@ class Service:
         self.devices: dict[str, Device] = {}
         self.registrations: dict[str, Any] = {}
         self.unit_states: dict[str, str] = {}
+        self.units_seen: dict[str, dict[str, Any]] = {}
         self.finished_jobs: dict[str, str] = {}
         self.burst_until = 0.0
         self.burst_running = False
@@ -333,8 +341,15 @@ class Service:
             monitor.connect("changed", lambda *_: self.refresh_soon())
             self.monitors.append(monitor)
 
-    def on_unit_changed(self, _sender: str, path: str, *_: Any) -> None:
-        if path.startswith("/org/freedesktop/systemd1/unit/ublkd_"):
+    def on_unit_changed(self, _sender: str, path: str, _iface: str, _signal: str,
+                        params: tuple) -> None:
+        if not path.startswith(UNIT_PATHS):
+            return
+        seen = self.units_seen.setdefault(path, {})
+        news = {key: value for key, value in params[1].items()
+                if key in UNIT_PROPERTIES and seen.get(key) != value}
+        if news:
+            seen.update(news)
             self.refresh_soon()
 
     def on_job_removed(self, _sender: str, _path: str, _iface: str, _signal: str,
@@ -351,7 +366,7 @@ class Service:
         self.burst_until = time.monotonic() + BURST_SECONDS
         if not self.burst_running:
             self.burst_running = True
-            GLib.idle_add(self.refresh_and_continue)
+            GLib.idle_add(self.refresh_once)
             GLib.timeout_add(BURST_INTERVAL_MS, self.burst_step)
 
     def burst_step(self) -> bool:
@@ -362,6 +377,10 @@ class Service:
     def refresh_and_continue(self) -> bool:
         self.refresh()
         return True
+
+    def refresh_once(self) -> bool:
+        self.refresh()
+        return False
 
     def refresh(self) -> None:
         """Read every device; publish new ones, signal changes, drop the gone."""
