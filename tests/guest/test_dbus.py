@@ -136,6 +136,32 @@ def test_an_unprivileged_user_reads_but_is_refused_stop(dbus_guest):
     assert status(guest, "vol0")["pid"] == as_root["ServerPid"]
 
 
+def test_a_polkit_rule_can_allow_one_device_to_a_user(dbus_guest):
+    """The check's details name the device: a rule lets nobody stop vol0 only."""
+    guest = dbus_guest
+    rule = "/etc/polkit-1/rules.d/50-ublkd-test.rules"
+    guest.write_file(rule, """polkit.addRule(function(action, subject) {
+    if (action.id == "org.ublkd1.manage" && subject.user == "nobody" &&
+        action.lookup("name") == "vol0" && action.lookup("method") == "Stop")
+        return polkit.Result.YES;
+});
+""")
+    try:
+        dev = start(guest, "vol0", CONFIG)["device"]
+        write_config(guest, "vol1", CONFIG.replace("vol0.img", "vol1.img"))
+        guest.run("truncate -s 64M /var/tmp/vol1.img")
+        refused = client(guest, "call", "Start", "vol1", user="nobody")
+        assert refused["error"] == "org.freedesktop.DBus.Error.AccessDenied", refused
+        assert show(guest, "ublkd@vol1", "ActiveState")["ActiveState"] == "inactive"
+        # polkitd reads new rules when it notices the file: allow it a moment.
+        wait_in_guest(guest, f"runuser -u nobody -- {CLIENT} call Stop vol0 | grep -q '"ok"'", 30)
+        assert show(guest, "ublkd@vol0", "ActiveState", "Result") == \
+            {"ActiveState": "inactive", "Result": "success"}
+        assert guest.run(f"test -e {dev}", check=False).rc == 1
+    finally:
+        guest.run(f"rm -f {rule}")
+
+
 def test_a_killed_daemon_is_seen_as_signals_and_recovered(dbus_guest, report):
     """A subscribed client sees the crash and the recovery as PropertiesChanged
     signals, without polling: the server pid changes, State is LIVE again and
