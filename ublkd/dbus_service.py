@@ -206,7 +206,7 @@ def device_properties(row: dict, active_state: str) -> dict[str, Any]:
         "Generation": row["generation"] or 0,
         "Recoveries": row["recoveries"] or 0,
         # The kernel keeps a dead daemon's pid while the device waits (QUIESCED).
-        "ServerPid": row["pid"] or 0 if row["state"] == "LIVE" else 0,
+        "ServerPid": (row["pid"] or 0) if row["state"] == "LIVE" else 0,
         "UnitActiveState": active_state,
     }
 
@@ -276,9 +276,9 @@ class Manager:
     @dbus_errors
     def Recover(self, name: str, dbus_context: Any) -> str:  # noqa: N802
         name = self.service.authorize(dbus_context, "Recover", name)
-        if self.service.active_state(name) in ("active", "activating", "reloading"):
-            raise error_named("Busy", f"{name}: {unit_of(name)} is "
-                                      f"{self.service.active_state(name)} and serves the "
+        state = self.service.active_state(name)
+        if state in ("active", "activating", "reloading"):
+            raise error_named("Busy", f"{name}: {unit_of(name)} is {state} and serves the "
                                       f"device; there is nothing to recover")
         self.service.run_job("StartUnit", f"ublkd-recover@{name}.service")
         self.service.wait_until_active(unit_of(name))
@@ -306,7 +306,8 @@ class Service:
         self.registrations: dict[str, Any] = {}
         self.unit_states: dict[str, str] = {}
         self.units_seen: dict[str, dict[str, Any]] = {}
-        self.finished_jobs: dict[str, str] = {}
+        self.awaited_jobs: set[str] = set()  # job paths run_job waits for
+        self.finished_jobs: dict[str, str] = {}  # of those: path -> result
         self.burst_until = 0.0
         self.burst_running = False
         self.monitors: list[Any] = []
@@ -355,7 +356,8 @@ class Service:
     def on_job_removed(self, _sender: str, _path: str, _iface: str, _signal: str,
                        params: tuple) -> None:
         _, job, unit, result = params
-        self.finished_jobs[job] = result
+        if job in self.awaited_jobs:
+            self.finished_jobs[job] = result
         if unit.startswith("ublkd"):
             self.refresh_soon()
 
@@ -457,15 +459,21 @@ class Service:
     def run_job(self, method: str, unit: str) -> None:
         """StartUnit/StopUnit, waiting for systemd's job while serving others."""
         log.info("%s %s", method, unit)
+        # The reply comes before the job's JobRemoved is dispatched (both wait
+        # for this main loop), so the job is awaited before it can end.
         job = getattr(self.systemd, method)(unit, "replace")
-        deadline = time.monotonic() + JOB_TIMEOUT_S
-        while job not in self.finished_jobs:
-            if time.monotonic() > deadline:
-                raise error_named("Timeout", f"{unit}: systemd's {method} job is not done "
-                                             f"after {JOB_TIMEOUT_S:.0f} s; see `systemctl "
-                                             f"status {unit}`")
-            self.pause(0.05)
-        result = self.finished_jobs.pop(job)
+        self.awaited_jobs.add(job)
+        try:
+            deadline = time.monotonic() + JOB_TIMEOUT_S
+            while job not in self.finished_jobs:
+                if time.monotonic() > deadline:
+                    raise error_named("Timeout", f"{unit}: systemd's {method} job is not "
+                                                 f"done after {JOB_TIMEOUT_S:.0f} s; see "
+                                                 f"`systemctl status {unit}`")
+                self.pause(0.05)
+            result = self.finished_jobs.pop(job)
+        finally:
+            self.awaited_jobs.discard(job)
         self.refresh()
         if result != "done":
             raise error_named("Failed", f"{unit}: {method} ended with '{result}'; see "
