@@ -154,7 +154,8 @@ def test_a_polkit_rule_can_allow_one_device_to_a_user(dbus_guest):
         assert refused["error"] == "org.freedesktop.DBus.Error.AccessDenied", refused
         assert show(guest, "ublkd@vol1", "ActiveState")["ActiveState"] == "inactive"
         # polkitd reads new rules when it notices the file: allow it a moment.
-        wait_in_guest(guest, f"runuser -u nobody -- {CLIENT} call Stop vol0 | grep -q '"ok"'", 30)
+        wait_in_guest(guest, f"runuser -u nobody -- {CLIENT} call Stop vol0 | grep -q '\"ok\"'",
+                      30)
         assert show(guest, "ublkd@vol0", "ActiveState", "Result") == \
             {"ActiveState": "inactive", "Result": "success"}
         assert guest.run(f"test -e {dev}", check=False).rc == 1
