@@ -79,43 +79,38 @@ def _doc(text: str) -> str:
     return f'<annotation name="{DOC}" value="{html.escape(text)}"/>'
 
 
+# name, arguments ("in NAME TYPE" or "out NAME TYPE"), documentation.
+MANAGER_METHODS: tuple[tuple[str, tuple[str, ...], str], ...] = (
+    ("ListDevices", ("out devices ao",),
+     "Every configured device and every device ublkd has state for."),
+    ("Start", ("in name s", "out device o"),
+     "Start ublkd@NAME.service: create the device, or recover it if it exists."),
+    ("Stop", ("in name s",),
+     "Stop ublkd@NAME.service: the device is removed (its mounts must be gone)."),
+    ("Recover", ("in name s", "out device o"),
+     "Start ublkd-recover@NAME.service: recover a device kept after systemd gave up "
+     "restarting its daemon, and serve it again."),
+    ("Upgrade", ("in name s", "out device o"),
+     "Hand the running device over to a daemon of the ublkd installed now (what "
+     "`ublkd upgrade NAME` does)."),
+)
+
+
+def _method(name: str, args: tuple[str, ...], doc: str) -> str:
+    arg_xml = "".join(f'<arg name="{arg}" type="{kind}" direction="{direction}"/>'
+                      for direction, arg, kind in (a.split() for a in args))
+    return f'<method name="{name}">{_doc(doc)}{arg_xml}</method>'
+
+
 MANAGER_XML = f"""
 <node>
   <interface name="{MANAGER_INTERFACE}">
     {_doc("ublkd's devices: one per /etc/ublkd/NAME.toml, served by ublkd@NAME.service. "
           "Methods need root or polkit's org.ublkd1.manage and act through systemd; "
           "they return when systemd's job is done.")}
-    <method name="ListDevices">
-      {_doc("Every configured device and every device ublkd has state for.")}
-      <arg name="devices" type="ao" direction="out"/>
-    </method>
-    <method name="Start">
-      {_doc("Start ublkd@NAME.service: create the device, or recover it if it exists.")}
-      <arg name="name" type="s" direction="in"/>
-      <arg name="device" type="o" direction="out"/>
-    </method>
-    <method name="Stop">
-      {_doc("Stop ublkd@NAME.service: the device is removed (its mounts must be gone).")}
-      <arg name="name" type="s" direction="in"/>
-    </method>
-    <method name="Recover">
-      {_doc("Start ublkd-recover@NAME.service: recover a device kept after systemd gave "
-            "up restarting its daemon, and serve it again.")}
-      <arg name="name" type="s" direction="in"/>
-      <arg name="device" type="o" direction="out"/>
-    </method>
-    <method name="Upgrade">
-      {_doc("Hand the running device over to a daemon of the ublkd installed now "
-            "(what `ublkd upgrade NAME` does).")}
-      <arg name="name" type="s" direction="in"/>
-      <arg name="device" type="o" direction="out"/>
-    </method>
-    <signal name="DeviceAdded">
-      <arg name="device" type="o"/>
-    </signal>
-    <signal name="DeviceRemoved">
-      <arg name="device" type="o"/>
-    </signal>
+    {"".join(_method(*method) for method in MANAGER_METHODS)}
+    <signal name="DeviceAdded"><arg name="device" type="o"/></signal>
+    <signal name="DeviceRemoved"><arg name="device" type="o"/></signal>
     <property name="Version" type="s" access="read"/>
   </interface>
 </node>
