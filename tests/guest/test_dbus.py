@@ -19,7 +19,11 @@ from tests.guest.serving import (CHECKOUT, devnum, kill_and_wait_live, run_in_ba
 BACKING = "/var/tmp/vol0.img"
 CONFIG = f'backend = "file"\npath = "{BACKING}"\nsize = "64MiB"\n'
 MANAGER = "org.ublkd1 /org/ublkd1/Manager org.ublkd1.Manager"
-CLIENT = f"/usr/bin/python3 {CHECKOUT}/tests/guest/dbus_client.py"
+# The client is copied where every user can read it: the checkout may be
+# in a directory only root may enter (make check-fresh clones into a mktemp
+# directory, mode 0700), and `nobody` runs it too.
+CLIENT_PATH = "/run/ublkd-test/dbus_client.py"
+CLIENT = f"/usr/bin/python3 {CLIENT_PATH}"
 
 
 def busctl(guest, method: str, name: str, timeout: float = 180):
@@ -58,6 +62,8 @@ def dbus_guest(systemd_guest):
     """A guest with the bus files installed and no device configured yet."""
     guest = systemd_guest
     guest.run(f"truncate -s 64M {BACKING}")
+    guest.write_file(CLIENT_PATH, (CHECKOUT / "tests/guest/dbus_client.py").read_text())
+    guest.run(f"chmod 0755 {CLIENT_PATH.rsplit('/', 1)[0]}")
     return guest
 
 
