@@ -276,7 +276,7 @@ class Manager:
             raise error_named("Busy", f"{name}: {unit_of(name)} is {state} and serves the "
                                       f"device; there is nothing to recover")
         self.service.run_job("StartUnit", f"ublkd-recover@{name}.service")
-        self.service.wait_until_active(unit_of(name))
+        self.service.wait_until_active(name)
         return object_path(name)
 
     @dbus_errors
@@ -299,7 +299,6 @@ class Service:
         self.systemd = bus.get("org.freedesktop.systemd1")
         self.devices: dict[str, Device] = {}
         self.registrations: dict[str, Any] = {}
-        self.unit_states: dict[str, str] = {}
         self.units_seen: dict[str, dict[str, Any]] = {}
         self.awaited_jobs: set[str] = set()  # job paths run_job waits for
         self.finished_jobs: dict[str, str] = {}  # of those: path -> result
@@ -383,12 +382,12 @@ class Service:
         """Read every device; publish new ones, signal changes, drop the gone."""
         try:
             rows = self.read_devices()
-            self.unit_states = self.read_unit_states()
+            unit_states = self.read_unit_states()
         except Exception:
             log.exception("could not read the devices; the properties stay as they were")
             return
         for name, row in rows.items():
-            properties = device_properties(row, self.unit_states.get(name, "inactive"))
+            properties = device_properties(row, unit_states.get(name, "inactive"))
             if name in self.devices:
                 self.devices[name].update(properties)
             else:
@@ -474,8 +473,8 @@ class Service:
             raise error_named("Failed", f"{unit}: {method} ended with '{result}'; see "
                                         f"`journalctl -u {unit}`")
 
-    def wait_until_active(self, unit: str, timeout: float = JOB_TIMEOUT_S) -> None:
-        name = unit.removeprefix("ublkd@").removesuffix(".service")
+    def wait_until_active(self, name: str, timeout: float = JOB_TIMEOUT_S) -> None:
+        unit = unit_of(name)
         deadline = time.monotonic() + timeout
         while (state := self.active_state(name)) != "active":
             if state == "failed" or time.monotonic() > deadline:

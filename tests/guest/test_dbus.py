@@ -13,8 +13,8 @@ import json
 
 import pytest
 
-from tests.guest.serving import (CHECKOUT, devnum, kill_and_wait_live, run_in_background,
-                                 show, start, ublkd, wait_in_guest, write_config)
+from tests.guest.serving import (CHECKOUT, device_status, devnum, kill_and_wait_live,
+                                 run_in_background, show, start, wait_in_guest, write_config)
 
 BACKING = "/var/tmp/vol0.img"
 CONFIG = f'backend = "file"\npath = "{BACKING}"\nsize = "64MiB"\n'
@@ -36,12 +36,8 @@ def client(guest, *args: str, user: str = "root") -> dict:
     return json.loads(guest.run(f"{as_user}{CLIENT} {' '.join(args)}", timeout=120).stdout)
 
 
-def status(guest, name: str) -> dict:
-    return json.loads(ublkd(guest, "status", name, "--json").stdout)
-
-
 def assert_properties_match_status(guest, name: str, properties: dict) -> None:
-    row = status(guest, name)
+    row = device_status(guest, name)
     assert properties["Name"] == name
     assert properties["State"] == row["state"]
     assert properties["Id"] == row["id"]
@@ -139,7 +135,7 @@ def test_an_unprivileged_user_reads_but_is_refused_stop(dbus_guest):
         assert "org.ublkd1.manage" in refused["message"] and "uid 65534" in refused["message"]
     assert client(guest, "props", "vol0") == as_root  # same daemon, still LIVE
     assert show(guest, "ublkd@vol0", "NRestarts") == restarts
-    assert status(guest, "vol0")["pid"] == as_root["ServerPid"]
+    assert device_status(guest, "vol0")["pid"] == as_root["ServerPid"]
 
 
 def test_a_polkit_rule_can_allow_one_device_to_a_user(dbus_guest):
@@ -247,7 +243,7 @@ def test_the_service_killed_leaves_devices_alone_and_comes_back(dbus_guest):
     assert int(cpu) < 200, f"{cpu} ticks (1/100 s) of CPU in 10 s idle"
     guest.run("systemctl kill -s KILL ublkd-dbus.service")
     wait_in_guest(guest, "! systemctl is-active -q ublkd-dbus.service", 30)
-    assert status(guest, "vol0")["pid"] == before["ServerPid"]
+    assert device_status(guest, "vol0")["pid"] == before["ServerPid"]
     assert show(guest, "ublkd@vol0", "ActiveState")["ActiveState"] == "active"
     again = client(guest, "props", "vol0")  # activates the service again
     assert again == before
