@@ -310,13 +310,22 @@ def cmd_features(args: argparse.Namespace) -> int:
     daemon.require_root()
     with contextlib.closing(ControlDevice()) as control:
         mask = control.features()
-    names = uapi.feature_names(mask)
     if args.json:
-        print(json.dumps({"mask": mask, "features": names}))
-    else:
-        print(f"kernel {os.uname().release}, features {mask:#x}:")
-        for feature in names:
-            print(f"  {feature}")
+        print(json.dumps({"mask": mask, "features": uapi.feature_names(mask)}))
+        return 0
+    print(f"kernel {os.uname().release}: ublk features {mask:#x}")
+    width = max(len(feature.name) for feature in uapi.FEATURES)
+    for feature in uapi.FEATURES:
+        if mask & feature.bit:
+            print(f"  {feature.name:<{width}}  {feature.meaning}")
+    missing = [f for f in uapi.FEATURES if not mask & f.bit]
+    if missing:
+        print("not in this kernel:")
+        for feature in missing:
+            print(f"  {feature.name:<{width}}  (Linux {feature.since}) {feature.meaning}")
+    unknown = mask & ~sum(f.bit for f in uapi.FEATURES)
+    if unknown:
+        print(f"  {unknown:#x}  bits newer than this ublkd")
     return 0
 
 

@@ -37,7 +37,7 @@ DEFAULT_RECONNECT_TIMEOUT = 60.0
 MAX_RECONNECT_TIMEOUT = 365 * 86400.0
 NBD_URI_HELP = ('use "nbd://HOST[:PORT]/EXPORT" or "nbd+unix:///EXPORT?socket=/ABSOLUTE/PATH", '
                 'e.g. "nbd+unix:///?socket=/run/qemu-nbd/vol0.sock"')
-RECOVERY_MODES = ("reissue", "abort", "none")
+RECOVERY_MODES = ("reissue", "abort", "fail_io", "none")
 GIVE_UP_ACTIONS = ("keep", "delete")
 BLOCK_SIZES = (512, 1024, 2048, 4096)
 MAX_QUEUES = 64

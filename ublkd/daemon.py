@@ -295,7 +295,24 @@ class Device:
             f"that device first"
         )
 
+    def refuse_unsupported_recovery(self) -> None:
+        """A recovery mode the kernel lacks is a configuration error, not a
+        silent fallback: the user chose what applications see while no
+        daemon runs.  Kernels before GET_FEATURES (6.5) report nothing and
+        are taken to have 6.1's recovery; ADD_DEV's answer checks that."""
+        mode = self.config.recovery
+        supported = self.control.features() or RECOVERY_FLAGS["reissue"]
+        missing = [f for f in uapi.FEATURES if RECOVERY_FLAGS[mode] & f.bit & ~supported]
+        if missing:
+            needs = ", ".join(f"UBLK_F_{f.name} (Linux {f.since})" for f in missing)
+            raise ConfigError(
+                f"{self.config.source}: recovery = \"{mode}\" needs {needs}, which the "
+                f"ublk driver of this kernel ({os.uname().release}) does not have "
+                f"(`ublkd features` lists what it has); choose recovery = \"reissue\" or "
+                f"\"abort\", or run a newer kernel")
+
     def add_device(self, dev_id: int | None, queues: int) -> DeviceInfo:
+        self.refuse_unsupported_recovery()
         # NEED_GET_DATA: the queues lend buffers per request instead of one
         # per tag (resident memory ~ requests in flight, docs/performance.md).
         flags = RECOVERY_FLAGS[self.config.recovery] | uapi.UBLK_F_NEED_GET_DATA

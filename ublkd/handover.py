@@ -11,14 +11,16 @@ have been edited since and says nothing about the device that exists:
                                             are re-issued: nobody sees anything
     abort      USER_RECOVERY                requests wait, but those the daemon
                                             held fail with EIO
+    fail_io    USER_RECOVERY + FAIL_IO      every request fails with EIO at once
+               (6.13+)                      (state FAIL_IO); the device stays
     none       neither                      the device is stopped, its disk
                                             removed (ublk_nosrv_should_stop_dev);
                                             the successor creates a new one
 
 Only "reissue" is handed over.  "none" would take the device from under
-its mount.  "abort" would turn a routine package upgrade into I/O errors,
+its mount.  "abort" and "fail_io" would turn a routine package upgrade into I/O errors,
 which a file system (errors=remount-ro) or an md array (the member is
-failed) takes as a broken disk; whoever chose "abort" wants errors for
+failed) takes as a broken disk; whoever chose them wants errors for
 real faults, not for upgrades (docs/design.md, "Upgrades").
 """
 
@@ -36,6 +38,7 @@ from ublkd.state import DeviceState
 RECOVERY_FLAGS = {
     "reissue": uapi.UBLK_F_USER_RECOVERY | uapi.UBLK_F_USER_RECOVERY_REISSUE,
     "abort": uapi.UBLK_F_USER_RECOVERY,
+    "fail_io": uapi.UBLK_F_USER_RECOVERY | uapi.UBLK_F_USER_RECOVERY_FAIL_IO,
     "none": 0,
 }
 RECOVERY_BITS = (uapi.UBLK_F_USER_RECOVERY | uapi.UBLK_F_USER_RECOVERY_REISSUE
@@ -45,6 +48,8 @@ RECOVERY_BITS = (uapi.UBLK_F_USER_RECOVERY | uapi.UBLK_F_USER_RECOVERY_REISSUE
 LOSSES = {
     "abort": "the kernel fails the requests its daemon holds with EIO when that daemon "
              "exits, and a file system or RAID on it takes that as a broken disk",
+    "fail_io": "the kernel fails every request with EIO while no daemon serves it, and a "
+               "file system or RAID on it takes that as a broken disk",
     "none": "the kernel removes its disk as soon as its daemon exits: mounted file systems "
             "would lose it, with the data they had not written yet",
 }

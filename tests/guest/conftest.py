@@ -7,6 +7,12 @@ on its debris, nor spend the CI run's time on their timeouts.  Guest tests
 that would start after UBLKD_TEST_BUDGET minutes (default 60) of the run
 fail at once instead, so that a run that went wrong still ends with the
 summary that says what failed.
+
+Two kernels: every guest test runs on Debian 12's 6.12, and a test marked
+`@pytest.mark.kernels("6.12", "6.18")` (or "6.18" alone, for a feature only
+the newer driver has) on Debian 13's 6.18 as well.  Each kernel's tests run
+together, on one guest at a time.  UBLKD_TESTBED_KERNEL=6.18 runs every
+guest test on that kernel only (UBLKD_TESTBED_KERNEL=6.12 likewise).
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import pytest
 
 from tests.guest.serving import STATE_DIR, JournalSince, leftovers
 from tests.testbed import Guest, GuestConfig, KernelBuild, prepare
+from tests.testbed.provision import DEFAULT_KERNEL
 
 CHECKOUT = Path(__file__).resolve().parents[2]
 LOG_ROOT = CHECKOUT / "build" / "testbed"
@@ -48,14 +55,50 @@ def new_run_dir() -> Path:
     return run_dir
 
 
-@pytest.fixture(scope="session")
-def kernel() -> KernelBuild:
-    return prepare()
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "kernels(*lines): the test bed kernels to run this guest test on "
+                   "(default: 6.12 only; UBLKD_TESTBED_KERNEL overrides every test's)")
+
+
+def kernels_for(definition) -> list[str]:
+    """The kernel lines a guest test runs on."""
+    forced = os.environ.get("UBLKD_TESTBED_KERNEL")
+    if forced:
+        return [forced]
+    marker = definition.get_closest_marker("kernels")
+    return list(marker.args) if marker else [DEFAULT_KERNEL]
+
+
+def pytest_generate_tests(metafunc):
+    """One session-wide `kernel_line` parameter: pytest runs each kernel's
+    tests together and tears one guest down before it boots the next."""
+    if "kernel" in metafunc.fixturenames:
+        metafunc.parametrize("kernel_line", kernels_for(metafunc.definition),
+                             indirect=True, scope="session")
 
 
 @pytest.fixture(scope="session")
-def guest_logs() -> Path:
+def kernel_line(request) -> str:
+    return request.param
+
+
+@pytest.fixture(scope="session")
+def kernel(kernel_line: str) -> KernelBuild:
+    return prepare(line=kernel_line)
+
+
+@pytest.fixture(scope="session")
+def run_logs() -> Path:
     return new_run_dir()
+
+
+@pytest.fixture(scope="session")
+def guest_logs(run_logs: Path, kernel_line: str) -> Path:
+    """This kernel's guest logs, in the run's directory."""
+    logs = run_logs / f"kernel-{kernel_line}"
+    logs.mkdir(exist_ok=True)
+    return logs
 
 
 @pytest.fixture(scope="session")
@@ -69,8 +112,9 @@ def guest(kernel: KernelBuild, guest_logs: Path):
     machine.shutdown()
     disk.unlink(missing_ok=True)
     REPORT.append(
-        f"session guest: {machine.boots} boot(s), last {machine.boot_seconds:.1f} s guest "
-        f"uptime / {machine.boot_wall_seconds:.1f} s wall to agent ready; logs in {guest_logs}"
+        f"session guest ({kernel.version}): {machine.boots} boot(s), last "
+        f"{machine.boot_seconds:.1f} s guest uptime / {machine.boot_wall_seconds:.1f} s wall "
+        f"to agent ready; logs in {guest_logs}"
     )
 
 

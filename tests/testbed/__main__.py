@@ -6,6 +6,7 @@
   run CMD...     boot a guest, run CMD in it through the agent, print its
                  output and exit with its exit code, then power off
   demo           the demo: a ublk device outliving kills of its daemon
+--kernel 6.18 boots Debian 13's kernel instead of 6.12.
 Logs go to build/testbed/manual-<time>/ in the checkout.
 """
 
@@ -17,7 +18,7 @@ import time
 from pathlib import Path
 
 from .guest import Guest, GuestConfig
-from .provision import prepare
+from .provision import DEFAULT_KERNEL, KERNEL_LINES, prepare
 
 CHECKOUT = Path(__file__).resolve().parents[2]
 
@@ -28,6 +29,9 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument("--kernel", choices=tuple(KERNEL_LINES), default=None,
+                        help="the kernel to boot (default: UBLKD_TESTBED_KERNEL, else "
+                             f"{DEFAULT_KERNEL})")
     parser.add_argument("action", choices=("prepare", "shell", "run", "demo"))
     parser.add_argument("command", nargs=argparse.REMAINDER)
     args = parser.parse_args(argv)
@@ -35,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
         from .demo import main as demo
 
         return demo()
-    kernel = prepare()
+    kernel = prepare(line=args.kernel)
     if args.action == "prepare":
         print(f"kernel {kernel.version}\n  {kernel.vmlinuz}\n  {kernel.initramfs}")
         return 0

@@ -1,10 +1,12 @@
 """Everything the guest needs on the host, fetched once and cached.
 
-The host kernel has no ublk driver, so the suite boots Debian's 6.12 kernel
-under qemu.  This module installs the host tools, downloads that kernel
-package, unpacks it and builds the initramfs, all under one cache directory
-so that a second run costs nothing.  A newer kernel in the archive, or a
-change to the initramfs inputs, lands in a new cache entry by itself.
+The host kernel has no ublk driver, so the suite boots Debian's kernels
+under qemu: 6.12 (Debian 12's) for everything, 6.18 (Debian 13's, from
+trixie-backports) for the newer driver's features.  This module installs the
+host tools, downloads a kernel package, unpacks it and builds the
+initramfs, all under one cache directory so that a second run costs
+nothing.  A newer kernel in the archive, or a change to the initramfs
+inputs, lands in a new cache entry by itself.
 """
 
 from __future__ import annotations
@@ -65,9 +67,6 @@ INITRAMFS_MODULES = ("netfs", "9pnet", "9pnet_virtio", "9p", "overlay")
 # nbd-server and nbd-client come enabled: the tests start their own servers.
 MASKED_UNITS = ("systemd-tmpfiles-setup.service", "nbd-server.service", "nbd-client.service")
 
-KERNEL_PACKAGE_RE = re.compile(r"^linux-image-(6\.12\.(\d+)\+deb12)-amd64-unsigned$")
-
-
 class ProvisionError(RuntimeError):
     """The host could not be prepared; the message says which step and why."""
 
@@ -76,6 +75,7 @@ class ProvisionError(RuntimeError):
 class KernelBuild:
     """A kernel unpacked in the cache: what qemu boots and the guest modprobes."""
 
+    line: str  # "6.12" or "6.18": which of KERNEL_LINES
     version: str  # uname -r, e.g. "6.12.117+deb12-amd64"
     root: Path  # the unpacked package
     vmlinuz: Path
@@ -128,40 +128,122 @@ def install_host_packages() -> None:
     run(["apt-get", "install", "-y", "-qq", "--no-install-recommends", *missing], env=env)
 
 
-def choose_kernel_package(apt_search_output: str) -> str:
-    """The newest Debian 12 6.12 generic amd64 kernel in `apt-cache search` output.
+@dataclass(frozen=True)
+class KernelLine:
+    """A kernel series the suite boots, and where apt finds its packages.
+
+    6.12 is Debian 12's own (bookworm and its updates, the host's sources).
+    6.18 is Debian 13's from trixie-backports: a suite this host must not
+    install from, so apt reads it through a private configuration in the
+    cache (`private_apt`), never through /etc/apt.
+    """
+
+    name: str
+    package_re: re.Pattern
+    search: str  # the regex `apt-cache search --names-only` takes
+    where: str  # for the error when apt knows no such package
+    sources: str = ""  # a private sources.list; "" means the host's
+
+    def version_of(self, package: str) -> str:
+        """uname -r of a package of this line."""
+        return self.package_re.match(package).group(1) + "-amd64"
+
+
+KERNEL_LINES = {
+    line.name: line
+    for line in (
+        KernelLine(
+            name="6.12",
+            package_re=re.compile(r"^linux-image-(6\.12\.(\d+)\+deb12)-amd64-unsigned$"),
+            search=r"^linux-image-6\.12\..*-amd64-unsigned$",
+            where="bookworm-backports or bookworm's security/updates archive",
+        ),
+        KernelLine(
+            name="6.18",
+            # Debian 13 ships the generic image signed only: no -unsigned package.
+            package_re=re.compile(r"^linux-image-(6\.18\.(\d+)\+deb13)-amd64$"),
+            search=r"^linux-image-6\.18\..*\+deb13-amd64$",
+            where="trixie-backports",
+            sources="deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] "
+                    "http://deb.debian.org/debian trixie-backports main\n",
+        ),
+    )
+}
+DEFAULT_KERNEL = "6.12"
+
+
+def kernel_line(name: str | None = None) -> KernelLine:
+    """The line `name`, else UBLKD_TESTBED_KERNEL's, else 6.12."""
+    name = name or os.environ.get("UBLKD_TESTBED_KERNEL") or DEFAULT_KERNEL
+    try:
+        return KERNEL_LINES[name]
+    except KeyError:
+        raise ProvisionError(f"unknown test bed kernel {name!r}: choose one of "
+                             f"{', '.join(KERNEL_LINES)} (UBLKD_TESTBED_KERNEL)") from None
+
+
+def private_apt(line: KernelLine, cache: Path) -> list[str]:
+    """apt options that read only `line`'s private sources, lists and cache.
+
+    Empty for a line the host's own sources carry.  The private lists are
+    refreshed by `apt_get_update(line)` like the host's.
+    """
+    if not line.sources:
+        return []
+    base = cache / "apt" / line.name
+    (base / "lists" / "partial").mkdir(parents=True, exist_ok=True)
+    (base / "archives" / "partial").mkdir(parents=True, exist_ok=True)
+    sources = base / "sources.list"
+    if not sources.exists() or sources.read_text() != line.sources:
+        sources.write_text(line.sources)
+    return [
+        "-o", f"Dir::Etc::sourcelist={sources}",
+        "-o", "Dir::Etc::sourceparts=-",
+        "-o", f"Dir::State::Lists={base / 'lists'}",
+        "-o", f"Dir::Cache={base}",
+        "-o", "APT::Sandbox::User=root",
+    ]
+
+
+def choose_kernel_package(apt_search_output: str, line: KernelLine) -> str:
+    """The newest generic amd64 kernel of `line` in `apt-cache search` output.
 
     Only the generic flavour: the cloud one lacks drivers qemu's default
     machine uses, and the rt one changes the timing the tests see.
     """
     best: tuple[int, str] | None = None
-    for line in apt_search_output.splitlines():
-        name = line.split(" - ", 1)[0].strip()
-        match = KERNEL_PACKAGE_RE.match(name)
+    for entry in apt_search_output.splitlines():
+        name = entry.split(" - ", 1)[0].strip()
+        match = line.package_re.match(name)
         if match and (best is None or int(match.group(2)) > best[0]):
             best = (int(match.group(2)), name)
     if best is None:
         raise ProvisionError(
-            "no linux-image-6.12.*+deb12-amd64-unsigned package is known to apt; "
-            "run `apt-get update` (the 6.12 kernel comes from bookworm-backports "
-            "or bookworm's security/updates archive)"
+            f"no {line.name} kernel package ({line.search}) is known to apt; "
+            f"run `apt-get update` (it comes from {line.where})"
         )
     return best[1]
 
 
-def newest_kernel_package() -> str:
-    """Ask apt which 6.12 kernel is newest, refreshing its lists once if needed."""
-    search = ["apt-cache", "search", "--names-only", r"^linux-image-6\.12\..*-amd64-unsigned$"]
+def newest_kernel_package(line: KernelLine, cache: Path) -> str:
+    """Ask apt which kernel of `line` is newest, refreshing its lists once if needed."""
+    apt = private_apt(line, cache)
+    search = ["apt-cache", *apt, "search", "--names-only", line.search]
     try:
-        return choose_kernel_package(run(search).stdout)
+        return choose_kernel_package(run(search).stdout, line)
     except ProvisionError:
-        apt_get_update()
-        return choose_kernel_package(run(search).stdout)
+        run(["apt-get", *apt, "update", "-qq"])
+        return choose_kernel_package(run(search).stdout, line)
 
 
-def unpack_kernel(package: str, cache: Path) -> Path:
-    """Download and unpack `package` once; returns the unpacked tree."""
-    version = KERNEL_PACKAGE_RE.match(package).group(1) + "-amd64"
+def unpack_kernel(package: str, line: KernelLine, cache: Path) -> Path:
+    """Download and unpack `package` once; returns the unpacked tree.
+
+    The tree always has its modules under lib/modules: Debian 13's packages
+    put them under usr/lib/modules (merged /usr), so a link bridges the two
+    for depmod and for the guest's bind mount.
+    """
+    version = line.version_of(package)
     root = cache / "kernel" / version
     if (root / ".complete").exists():
         return root
@@ -173,7 +255,7 @@ def unpack_kernel(package: str, cache: Path) -> Path:
         # makes it warn, so download in a scratch dir it may write.
         with tempfile.TemporaryDirectory() as scratch:
             os.chmod(scratch, 0o777)
-            run(["apt-get", "download", "-qq", package], cwd=scratch)
+            run(["apt-get", *private_apt(line, cache), "download", "-qq", package], cwd=scratch)
             for deb in Path(scratch).glob("*.deb"):
                 shutil.move(str(deb), downloads / deb.name)
         debs = list(downloads.glob(f"{package}_*.deb"))
@@ -181,6 +263,9 @@ def unpack_kernel(package: str, cache: Path) -> Path:
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     run(["dpkg-deb", "-x", str(debs[0]), str(staging)])
+    if not (staging / "lib" / "modules").exists():
+        (staging / "lib").mkdir(exist_ok=True)
+        (staging / "lib" / "modules").symlink_to("../usr/lib/modules")
     run(["depmod", "-b", str(staging), version])
     (staging / ".complete").touch()
     shutil.rmtree(root, ignore_errors=True)
@@ -257,21 +342,26 @@ def build_initramfs(version: str, modules: Path, target: Path) -> None:
         partial.rename(target)
 
 
-def prepare(install: bool = True) -> KernelBuild:
-    """Make sure the host can boot the guest; cheap when the cache is warm."""
+def prepare(install: bool = True, line: str | None = None) -> KernelBuild:
+    """Make sure the host can boot the guest on kernel `line` (default: 6.12,
+    or UBLKD_TESTBED_KERNEL); cheap when the cache is warm."""
     if install:
         install_host_packages()
     cache = cache_dir()
-    package = os.environ.get("UBLKD_TESTBED_KERNEL_PACKAGE") or cached_or_newest_package(cache)
-    root = unpack_kernel(package, cache)
+    kernel = kernel_line(line)
+    package = os.environ.get("UBLKD_TESTBED_KERNEL_PACKAGE", "")
+    if not kernel.package_re.match(package):
+        package = cached_or_newest_package(kernel, cache)
+    root = unpack_kernel(package, kernel, cache)
     version = root.name
-    modules = root / "lib" / "modules" / version
+    modules = (root / "lib" / "modules" / version).resolve()
     initramfs = root / f"initramfs-{initramfs_key(version)}.cpio"
     if not initramfs.exists():
         for stale in root.glob("initramfs-*.cpio"):
             stale.unlink()
         build_initramfs(version, modules, initramfs)
     return KernelBuild(
+        line=kernel.name,
         version=version,
         root=root,
         vmlinuz=root / "boot" / f"vmlinuz-{version}",
@@ -280,17 +370,18 @@ def prepare(install: bool = True) -> KernelBuild:
     )
 
 
-def cached_or_newest_package(cache: Path) -> str:
-    """The newest kernel apt knows; remembered for a day so warm runs skip apt.
+def cached_or_newest_package(line: KernelLine, cache: Path) -> str:
+    """The newest kernel of `line` apt knows; remembered for a day so warm
+    runs skip apt.
 
     A changed answer (a new point release in the archive) unpacks a new
     kernel into its own cache entry; the old one stays until removed.
     """
-    memo = cache / "kernel-package"
+    memo = cache / ("kernel-package" if line.name == DEFAULT_KERNEL
+                    else f"kernel-package-{line.name}")
     if memo.exists() and time.time() - memo.stat().st_mtime < 86400:
         return memo.read_text().strip()
-    package = newest_kernel_package()
+    package = newest_kernel_package(line, cache)
     cache.mkdir(parents=True, exist_ok=True)
     memo.write_text(package + "\n")
     return package
-

@@ -248,19 +248,57 @@ UBLK_F_CMD_IOCTL_ENCODE = 1 << 6  # 6.4
 UBLK_F_USER_COPY = 1 << 7  # 6.5
 UBLK_F_ZONED = 1 << 8  # 6.6
 UBLK_F_USER_RECOVERY_FAIL_IO = 1 << 9  # 6.13: not on the test bed's 6.12
+UBLK_F_UPDATE_SIZE = 1 << 10  # 6.16
+UBLK_F_AUTO_BUF_REG = 1 << 11  # 6.16
+UBLK_F_QUIESCE = 1 << 12  # 6.16
+UBLK_F_PER_IO_DAEMON = 1 << 13  # 6.16
+UBLK_F_BUF_REG_OFF_DAEMON = 1 << 14  # 6.17
 
-FEATURE_NAMES = {
-    UBLK_F_SUPPORT_ZERO_COPY: "SUPPORT_ZERO_COPY",
-    UBLK_F_URING_CMD_COMP_IN_TASK: "URING_CMD_COMP_IN_TASK",
-    UBLK_F_NEED_GET_DATA: "NEED_GET_DATA",
-    UBLK_F_USER_RECOVERY: "USER_RECOVERY",
-    UBLK_F_USER_RECOVERY_REISSUE: "USER_RECOVERY_REISSUE",
-    UBLK_F_UNPRIVILEGED_DEV: "UNPRIVILEGED_DEV",
-    UBLK_F_CMD_IOCTL_ENCODE: "CMD_IOCTL_ENCODE",
-    UBLK_F_USER_COPY: "USER_COPY",
-    UBLK_F_ZONED: "ZONED",
-    UBLK_F_USER_RECOVERY_FAIL_IO: "USER_RECOVERY_FAIL_IO",
-}
+
+@dataclass(frozen=True)
+class Feature:
+    """A UBLK_F_* bit as `ublkd features` explains it."""
+
+    bit: int
+    name: str
+    since: str  # the first mainline kernel with it
+    meaning: str
+
+
+FEATURES = (
+    Feature(UBLK_F_SUPPORT_ZERO_COPY, "SUPPORT_ZERO_COPY", "6.15",
+            "request pages can be registered as io_uring buffers (zero copy)"),
+    Feature(UBLK_F_URING_CMD_COMP_IN_TASK, "URING_CMD_COMP_IN_TASK", "6.0",
+            "requests are handed to the server from task context"),
+    Feature(UBLK_F_NEED_GET_DATA, "NEED_GET_DATA", "6.0",
+            "the server lends a buffer per write before the data is copied"),
+    Feature(UBLK_F_USER_RECOVERY, "USER_RECOVERY", "6.1",
+            "a device outlives its server; a new one recovers it (ublkd needs it)"),
+    Feature(UBLK_F_USER_RECOVERY_REISSUE, "USER_RECOVERY_REISSUE", "6.1",
+            "requests in flight when the server died are sent again: recovery = reissue"),
+    Feature(UBLK_F_UNPRIVILEGED_DEV, "UNPRIVILEGED_DEV", "6.3",
+            "devices an unprivileged user may create (not used by ublkd)"),
+    Feature(UBLK_F_CMD_IOCTL_ENCODE, "CMD_IOCTL_ENCODE", "6.4",
+            "commands in ioctl encoding (ublkd uses it where present)"),
+    Feature(UBLK_F_USER_COPY, "USER_COPY", "6.5",
+            "the server copies request data with pread/pwrite on /dev/ublkcN"),
+    Feature(UBLK_F_ZONED, "ZONED", "6.6", "zoned block devices (not used by ublkd)"),
+    Feature(UBLK_F_USER_RECOVERY_FAIL_IO, "USER_RECOVERY_FAIL_IO", "6.13",
+            "while no server runs, I/O fails at once; the device stays: recovery = fail_io"),
+    Feature(UBLK_F_UPDATE_SIZE, "UPDATE_SIZE", "6.16",
+            "the size of a running device can change (not used by ublkd)"),
+    Feature(UBLK_F_AUTO_BUF_REG, "AUTO_BUF_REG", "6.16",
+            "each request's pages are registered as an io_uring buffer by the kernel: "
+            "the file backend's zero copy"),
+    Feature(UBLK_F_QUIESCE, "QUIESCE", "6.16",
+            "QUIESCE_DEV stops a device between requests: `ublkd upgrade` hands over "
+            "with nothing in flight"),
+    Feature(UBLK_F_PER_IO_DAEMON, "PER_IO_DAEMON", "6.16",
+            "any server thread may serve any tag of a queue (not used by ublkd)"),
+    Feature(UBLK_F_BUF_REG_OFF_DAEMON, "BUF_REG_OFF_DAEMON", "6.17",
+            "request buffers may be registered from any thread (not used by ublkd)"),
+)
+FEATURE_NAMES = {feature.bit: feature.name for feature in FEATURES}
 
 
 def feature_names(flags: int) -> list[str]:

@@ -1,0 +1,113 @@
+"""What the ublk driver of a newer kernel adds, and what ublkd says on an
+older one: every test runs on both test bed kernels (6.12 and 6.18).
+
+A feature test skips only on the kernel without the feature, naming it;
+where ublkd must refuse a feature the kernel lacks, the older kernel tests
+the refusal instead.  Which kernel has what: docs/kernel-notes.md.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+from tests.guest.serving import (devnum, kill_and_wait_live, show, start, ublkd, wait_in_guest,
+                                 write_config)
+
+pytestmark = pytest.mark.kernels("6.12", "6.18")
+
+BACKING = "/var/tmp/vol0.img"
+FILE_CONFIG = f'backend = "file"\npath = "{BACKING}"\nsize = "64MiB"\n'
+NO_RESTART = "/run/systemd/system/ublkd@vol0.service.d/no-restart.conf"
+
+
+def kernel_features(guest) -> set[str]:
+    return set(json.loads(ublkd(guest, "features", "--json").stdout)["features"])
+
+
+def needs(guest, feature: str) -> None:
+    """Skip on a kernel whose ublk driver lacks `feature`, saying so."""
+    if feature not in kernel_features(guest):
+        release = guest.run("uname -r").stdout.strip()
+        pytest.skip(f"the ublk driver of {release} has no UBLK_F_{feature}")
+
+
+def read_block(guest, dev: str, timeout: int = 30):
+    """One direct 4 KiB read of `dev`, bounded: a held request would hang.
+    Its rc is dd's (124: timed out); stdout the block's first 8 bytes."""
+    return guest.run(f"timeout {timeout} dd if={dev} of=/tmp/block bs=4096 count=1 "
+                     f"iflag=direct status=none; rc=$?; head -c 8 /tmp/block; exit $rc",
+                     check=False)
+
+
+def test_features_explains_each_flag_the_kernel_has(clean_guest):
+    guest = clean_guest
+    out = ublkd(guest, "features").stdout
+    for name in kernel_features(guest):
+        line = next((line for line in out.splitlines() if line.split()[:1] == [name]), "")
+        assert len(line.split()) > 2, f"{name} has no meaning in:\n{out}"
+    assert "USER_RECOVERY_REISSUE" in out
+
+
+def test_fail_io_fails_io_at_once_while_no_daemon_and_recovers(systemd_guest, journal):
+    """recovery = "fail_io": with the daemon gone (systemd told not to restart
+    it) a read fails with EIO at once instead of waiting; a new daemon
+    recovers the same device, and the data written before reads back."""
+    guest = systemd_guest
+    needs(guest, "USER_RECOVERY_FAIL_IO")
+    guest.run(f"mkdir -p {NO_RESTART.rsplit('/', 1)[0]} && printf '[Service]\\nRestart=no\\n' "
+              f"> {NO_RESTART} && systemctl daemon-reload")
+    try:
+        dev = start(guest, "vol0", FILE_CONFIG + 'recovery = "fail_io"\n'
+                                                 'on_give_up = "keep"\n')["device"]
+        before = devnum(guest, dev)
+        guest.run(f"echo kept | dd of={dev} bs=4096 conv=sync oflag=direct status=none")
+        guest.run("systemctl kill -s KILL ublkd@vol0")
+        wait_in_guest(guest, "systemctl is-failed -q ublkd@vol0", 60)
+        status = json.loads(ublkd(guest, "status", "vol0", "--json").stdout)
+        assert status["state"] == "FAIL_IO", status
+
+        # At once: the kernel fails new I/O with BLK_STS_TARGET (EREMOTEIO),
+        # where reissue or abort would hold it until the timeout (rc 124).
+        failed = read_block(guest, dev)
+        assert failed.rc not in (0, 124), failed.describe()
+        assert re.search("Remote I/O error|Input/output error", failed.stderr), failed.stderr
+
+        guest.run("systemctl start ublkd@vol0", timeout=120)
+        assert devnum(guest, dev) == before
+        assert read_block(guest, dev).stdout.startswith("kept")
+        assert json.loads(ublkd(guest, "status", "vol0", "--json").stdout)["state"] == "LIVE"
+        assert "recovered /dev/ublkb" in journal.of("ublkd@vol0")
+    finally:
+        guest.run(f"rm -f {NO_RESTART} && systemctl daemon-reload")
+
+
+def test_fail_io_device_recovers_after_kill_9_under_systemd(systemd_guest):
+    guest = systemd_guest
+    needs(guest, "USER_RECOVERY_FAIL_IO")
+    dev = start(guest, "vol0", FILE_CONFIG + 'recovery = "fail_io"\n')["device"]
+    before = devnum(guest, dev)
+    guest.run(f"echo again | dd of={dev} bs=4096 conv=sync oflag=direct status=none")
+    kill_and_wait_live(guest, "vol0")
+    assert devnum(guest, dev) == before
+    assert read_block(guest, dev).stdout.startswith("again")
+    assert show(guest, "ublkd@vol0", "NRestarts")["NRestarts"] == "1"
+
+
+def test_fail_io_on_a_kernel_without_it_is_a_configuration_error(systemd_guest):
+    """Not a silent fallback to another mode: the unit fails once with the
+    configuration error (exit 2, no restart loop) and no device is left."""
+    guest = systemd_guest
+    if "USER_RECOVERY_FAIL_IO" in kernel_features(guest):
+        pytest.skip("this kernel has UBLK_F_USER_RECOVERY_FAIL_IO")
+    write_config(guest, "vol0", FILE_CONFIG + 'recovery = "fail_io"\n')
+    result = guest.run("systemctl start ublkd@vol0", check=False, timeout=120)
+    assert result.rc != 0
+    wait_in_guest(guest, "systemctl is-failed -q ublkd@vol0", 60)
+    unit = show(guest, "ublkd@vol0", "ExecMainStatus", "NRestarts")
+    assert unit == {"ExecMainStatus": "2", "NRestarts": "0"}, unit
+    log = guest.run("journalctl -b -u ublkd@vol0 -o cat").stdout
+    assert 'recovery = "fail_io" needs UBLK_F_USER_RECOVERY_FAIL_IO (Linux 6.13)' in log, log
+    assert guest.run("ls /sys/class/ublk-char/").stdout.strip() == ""
