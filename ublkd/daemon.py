@@ -64,6 +64,8 @@ CHAR_DEVICE_WAIT = 5.0  # seconds for /dev/ublkcN to appear after ADD_DEV
 RECOVERY_WAIT = 30.0  # seconds START_USER_RECOVERY is retried while EBUSY
 RECOVERY_RETRY = 0.1
 QUEUE_SILENCE_LIMIT = 10.0  # a queue loop that has not run for this long is stuck
+# QUIESCE_DEV waits at most this long for each queue to have an idle tag.
+QUIESCE_TIMEOUT_MS = 10_000
 EXIT_HANDED_OVER = 75  # SIGUSR2: left the device to a successor (the unit restarts us)
 
 # What a device is made of; an existing device keeps them (keep_settings_of).
@@ -318,6 +320,8 @@ class Device:
         flags = RECOVERY_FLAGS[self.config.recovery] | uapi.UBLK_F_NEED_GET_DATA
         if self.control.ioctl_encode:
             flags |= uapi.UBLK_F_CMD_IOCTL_ENCODE
+        if flags & uapi.UBLK_F_USER_RECOVERY and self.control.features() & uapi.UBLK_F_QUIESCE:
+            flags |= uapi.UBLK_F_QUIESCE  # hand-overs between requests (hand_over_if_asked)
         info = self.control.add_device(
             dev_id=dev_id,
             nr_queues=queues,
@@ -588,6 +592,7 @@ class Device:
         if not self.handing_over:
             return
         undo.pop_all()
+        self.quiesce_for_hand_over()
         for queue in self.queues:
             queue.handover.set()
         for queue in self.queues:
@@ -595,6 +600,26 @@ class Device:
                 pass
         log.info("%s: handed /dev/ublkb%d over; the next ublkd recovers it",
                  self.name, self.info.dev_id)
+
+    def quiesce_for_hand_over(self) -> None:
+        """On a device made with UBLK_F_QUIESCE (6.16+), QUIESCE_DEV first: the
+        kernel stops handing out requests and holds new ones itself, so the
+        queues finish what they have and nothing is left fetched for the
+        successor to re-issue.  That is what lets a recovery = "abort" device
+        be handed over too (ublkd/handover.py).  A failed QUIESCE_DEV (EBUSY:
+        a queue busy for all of QUIESCE_TIMEOUT_MS) still left the kernel
+        holding new requests; the hand-over goes on as without it."""
+        if not self.info.flags & uapi.UBLK_F_QUIESCE:
+            return
+        started = time.monotonic()
+        try:
+            self.control.quiesce_device(self.info.dev_id, QUIESCE_TIMEOUT_MS)
+        except UblkdError as error:
+            log.warning("%s: %s; handing /dev/ublkb%d over without it", self.name, error,
+                        self.info.dev_id)
+            return
+        log.info("%s: /dev/ublkb%d quiesced in %.0f ms: new requests wait in the kernel",
+                 self.name, self.info.dev_id, (time.monotonic() - started) * 1000)
 
     def check_health(self) -> None:
         """One watchdog tick: ping if every queue loop runs; STATUS and the journal

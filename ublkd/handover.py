@@ -17,11 +17,15 @@ have been edited since and says nothing about the device that exists:
                                             removed (ublk_nosrv_should_stop_dev);
                                             the successor creates a new one
 
-Only "reissue" is handed over.  "none" would take the device from under
-its mount.  "abort" and "fail_io" would turn a routine package upgrade into I/O errors,
-which a file system (errors=remount-ro) or an md array (the member is
-failed) takes as a broken disk; whoever chose them wants errors for
-real faults, not for upgrades (docs/design.md, "Upgrades").
+Only "reissue" is handed over, and "abort" where the device was made with
+UBLK_F_QUIESCE (6.16+): its daemon quiesces it first (QUIESCE_DEV), so it
+holds no request when it exits and none fails.  "none" would take the
+device from under its mount.  "abort" without quiesce, and "fail_io"
+(which fails the I/O of the gap, quiesced or not), would turn a routine
+package upgrade into I/O errors, which a file system (errors=remount-ro)
+or an md array (the member is failed) takes as a broken disk; whoever
+chose them wants errors for real faults, not for upgrades (docs/design.md,
+"Upgrades").
 """
 
 from __future__ import annotations
@@ -65,7 +69,7 @@ def recovery_mode(flags: int) -> str | None:
 def hand_over_loss(flags: int) -> str | None:
     """What a device with these kernel flags would suffer from a hand-over, or None."""
     mode = recovery_mode(flags)
-    if mode == "reissue":
+    if mode == "reissue" or (mode == "abort" and flags & uapi.UBLK_F_QUIESCE):
         return None
     return LOSSES.get(mode, f"its recovery flags {flags & RECOVERY_BITS:#x} are not ublkd's, "
                             "and only \"reissue\" survives a hand-over")

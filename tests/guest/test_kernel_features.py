@@ -13,8 +13,8 @@ import re
 
 import pytest
 
-from tests.guest.serving import (devnum, kill_and_wait_live, show, start, ublkd, wait_in_guest,
-                                 write_config)
+from tests.guest.serving import (devnum, fio_jobs, kill_and_wait_live, run_in_background, show,
+                                 start, ublkd, wait_in_guest, write_config)
 
 pytestmark = pytest.mark.kernels("6.12", "6.18")
 
@@ -111,3 +111,41 @@ def test_fail_io_on_a_kernel_without_it_is_a_configuration_error(systemd_guest):
     log = guest.run("journalctl -b -u ublkd@vol0 -o cat").stdout
     assert 'recovery = "fail_io" needs UBLK_F_USER_RECOVERY_FAIL_IO (Linux 6.13)' in log, log
     assert guest.run("ls /sys/class/ublk-char/").stdout.strip() == ""
+
+
+@pytest.mark.parametrize("mode", ["reissue", "abort"])
+def test_upgrade_under_fio_quiesces_first_where_the_kernel_can(systemd_guest, journal, report,
+                                                               mode):
+    """`ublkd upgrade` under fio's verified writes on the raw device: on a
+    kernel with UBLK_F_QUIESCE the old daemon quiesces the device (no request
+    is left for the successor to re-issue), which also makes an "abort"
+    device safe to hand over; without it only "reissue" is handed over.  No
+    write fails, the same /dev/ublkbN serves on.  The longest completion
+    latency fio saw is the I/O pause of the hand-over (reported)."""
+    guest = systemd_guest
+    quiesce = "QUIESCE" in kernel_features(guest)
+    if mode == "abort" and not quiesce:
+        pytest.skip("without UBLK_F_QUIESCE an \"abort\" device is not handed over "
+                    "(test_upgrade_policy.py tests the refusal)")
+    status = start(guest, "vol0", FILE_CONFIG + f'recovery = "{mode}"\n')
+    dev = status["device"]
+    before = devnum(guest, dev)
+    fio, box = run_in_background(
+        guest, f"fio --name=upgrade --filename={dev} --rw=randwrite --bs=4k --size=32M "
+               f"--time_based --runtime=15 --ioengine=libaio --iodepth=16 --direct=1 --verify=crc32c --verify_fatal=1 "
+               f"--output-format=json")
+    guest.run("sleep 3")
+    out = ublkd(guest, "upgrade", "vol0", timeout=180).stdout
+    assert re.search(rf"vol0: {dev} handed over from pid {status['pid']} to pid \d+", out), out
+    fio.join(1800)
+    assert box[0].rc == 0, box[0].describe()
+    job = fio_jobs(box[0])[0]
+    assert job["error"] == 0
+    assert devnum(guest, dev) == before
+    log = journal.of("ublkd@vol0")
+    assert ("quiesced in" in log) == quiesce, log
+    assert show(guest, "ublkd@vol0", "ActiveState")["ActiveState"] == "active"
+    release = guest.run("uname -r").stdout.strip()
+    report(f"upgrade under fio ({release}, recovery = {mode}, "
+           f"{'QUIESCE_DEV' if quiesce else 'no quiesce'}): longest write "
+           f"{job['write']['clat_ns']['max'] / 1e6:.0f} ms")

@@ -111,8 +111,8 @@ def test_tables_are_unknown_keys():
     ("logical_block_size", "1000", "is not allowed", "use 512, 1024, 2048 or 4096"),
     ("logical_block_size", '"512"', "is a string", "use 512, 1024, 2048 or 4096"),
     ("logical_block_size", "true", "is a boolean", "use 512, 1024, 2048 or 4096"),
-    ("recovery", '"fast"', "is not allowed", 'use "reissue", "abort" or "none"'),
-    ("recovery", "1", "is an integer", 'use "reissue", "abort" or "none"'),
+    ("recovery", '"fast"', "is not allowed", 'use "reissue", "abort", "fail_io" or "none"'),
+    ("recovery", "1", "is an integer", 'use "reissue", "abort", "fail_io" or "none"'),
     ("on_give_up", '"restart"', "is not allowed", 'use "keep" or "delete"'),
 ])
 def test_bad_values_name_key_value_and_what_is_allowed(key, value, problem, allowed):

@@ -26,10 +26,19 @@ def test_only_reissue_survives_a_hand_over():
 
 
 def test_flags_ublkd_never_creates_are_not_handed_over():
-    flags = uapi.UBLK_F_USER_RECOVERY | uapi.UBLK_F_USER_RECOVERY_FAIL_IO
+    flags = uapi.UBLK_F_USER_RECOVERY_REISSUE | uapi.UBLK_F_USER_RECOVERY_FAIL_IO
     assert handover.recovery_mode(flags) is None
     assert handover.hand_over_loss(flags) == (
-        "its recovery flags 0x208 are not ublkd's, and only \"reissue\" survives a hand-over")
+        "its recovery flags 0x210 are not ublkd's, and only \"reissue\" survives a hand-over")
+
+
+def test_fail_io_is_never_handed_over_and_abort_only_when_quiesced():
+    fail_io = handover.RECOVERY_FLAGS["fail_io"]
+    abort = handover.RECOVERY_FLAGS["abort"]
+    assert handover.recovery_mode(fail_io) == "fail_io"
+    assert "fails every request" in handover.hand_over_loss(fail_io | uapi.UBLK_F_QUIESCE)
+    assert "fails the requests its daemon holds" in handover.hand_over_loss(abort)
+    assert handover.hand_over_loss(abort | uapi.UBLK_F_QUIESCE) is None
 
 
 class FakeControl:

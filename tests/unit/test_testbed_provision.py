@@ -18,12 +18,36 @@ def test_newest_generic_kernel_is_chosen_by_number_not_text():
     # 111 > 107 > 99 numerically, while "99" sorts last as text; cloud and
     # rt flavours are ignored even when newer.
     newest = "linux-image-6.12.111+deb12-amd64-unsigned"
-    assert provision.choose_kernel_package(APT_SEARCH) == newest
+    assert provision.choose_kernel_package(APT_SEARCH, provision.KERNEL_LINES["6.12"]) == newest
+
+
+def test_the_newer_line_takes_debian_13s_signed_image():
+    line = provision.KERNEL_LINES["6.18"]
+    search = ("linux-image-6.18.15+deb13-amd64 - Linux 6.18 for 64-bit PCs (signed)\n"
+              "linux-image-6.18.9+deb13-amd64 - Linux 6.18 for 64-bit PCs (signed)\n"
+              "linux-image-6.18.15+deb13-cloud-amd64 - Linux 6.18 for x86-64 cloud\n")
+    package = provision.choose_kernel_package(search, line)
+    assert package == "linux-image-6.18.15+deb13-amd64"
+    assert line.version_of(package) == "6.18.15+deb13-amd64"
+    assert "trixie-backports" in line.sources
+
+
+def test_private_apt_reads_only_its_own_sources(tmp_path):
+    options = provision.private_apt(provision.KERNEL_LINES["6.18"], tmp_path)
+    assert f"Dir::Etc::sourcelist={tmp_path}/apt/6.18/sources.list" in options
+    assert "Dir::Etc::sourceparts=-" in options
+    assert provision.private_apt(provision.KERNEL_LINES["6.12"], tmp_path) == []
 
 
 def test_no_kernel_known_says_what_to_do():
     with pytest.raises(provision.ProvisionError, match="apt-get update"):
-        provision.choose_kernel_package("linux-image-6.1.0-9-amd64 - Linux 6.1\n")
+        provision.choose_kernel_package("linux-image-6.1.0-9-amd64 - Linux 6.1\n",
+                                        provision.KERNEL_LINES["6.12"])
+
+
+def test_an_unknown_kernel_line_names_the_known_ones():
+    with pytest.raises(provision.ProvisionError, match="6.12, 6.18"):
+        provision.kernel_line("5.10")
 
 
 def test_initramfs_key_follows_its_inputs(tmp_path, monkeypatch):

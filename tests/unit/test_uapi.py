@@ -108,6 +108,13 @@ LINUX_6_12 = {
         # 6.13, after the test bed's kernel:
         "UBLK_F_USER_RECOVERY_FAIL_IO": 1 << 9,
         "UBLK_S_DEV_FAIL_IO": 3,
+        # 6.16-6.17, from the header of the test bed's second kernel (6.18):
+        "UBLK_F_UPDATE_SIZE": 1 << 10,
+        "UBLK_F_AUTO_BUF_REG": 1 << 11,
+        "UBLK_F_QUIESCE": 1 << 12,
+        "UBLK_F_PER_IO_DAEMON": 1 << 13,
+        "UBLK_F_BUF_REG_OFF_DAEMON": 1 << 14,
+        "UBLK_U_CMD_QUIESCE_DEV": 0xC0207516,
     },
 }
 

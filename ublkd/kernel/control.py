@@ -364,6 +364,15 @@ class ControlDevice:
         """END_USER_RECOVERY: waits for the new server's FETCHes, then LIVE."""
         self._run("END_USER_RECOVERY", self.ops.end_user_recovery, dev_id, data=pid)
 
+    def quiesce_device(self, dev_id: int, timeout_ms: int) -> None:
+        """QUIESCE_DEV (6.16+, devices made with UBLK_F_QUIESCE): the kernel
+        stops handing out requests (new ones wait in it) and ABORTs every
+        idle fetch; the requests the server holds are its to finish.  Once
+        the server has closed /dev/ublkcN the device is QUIESCED, for the
+        next server to recover.  EBUSY: some queue had no idle tag within
+        `timeout_ms`."""
+        self._run("QUIESCE_DEV", uapi.UBLK_U_CMD_QUIESCE_DEV, dev_id, data=timeout_ms)
+
 
 def device_ids() -> list[int]:
     """Ids of every ublk device, from the driver's char device class in sysfs."""

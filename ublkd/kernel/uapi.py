@@ -217,6 +217,8 @@ UBLK_U_CMD_GET_DEV_INFO2 = _ior(UBLK_CMD_GET_DEV_INFO2, CTRL_CMD_SIZE)
 # -EINVAL/-EOPNOTSUPP (6.1, which knows no 'u' opcodes at all).
 UBLK_U_CMD_GET_FEATURES = _ior(0x13, CTRL_CMD_SIZE)  # 6.5+
 UBLK_U_CMD_DEL_DEV_ASYNC = _ior(0x14, CTRL_CMD_SIZE)  # 6.9+
+# 6.16+, on a device created with UBLK_F_QUIESCE; data[0]: timeout in ms.
+UBLK_U_CMD_QUIESCE_DEV = _iowr(0x16, CTRL_CMD_SIZE)
 
 UBLK_FEATURES_LEN = 8  # GET_FEATURES writes one u64
 
