@@ -28,11 +28,12 @@ SOURCE_EXAMPLE_CONFIG = "conf/vol0.toml.example"
 KNOWN_KEYS = (
     "backend", "id", "logical_block_size", "on_give_up", "path",
     "queue_depth", "queues", "read_only", "reconnect_timeout", "recovery", "size", "uri",
+    "zero_copy",
 )
 BACKENDS = ("file", "null", "nbd")
 # Config fields newer than the state files of ublkd 0.1, with the value
 # those devices were created with: from_dict fills them in.
-LATER_FIELDS = {"uri": None, "reconnect_timeout": None, "read_only": False}
+LATER_FIELDS = {"uri": None, "reconnect_timeout": None, "read_only": False, "zero_copy": True}
 DEFAULT_RECONNECT_TIMEOUT = 60.0
 MAX_RECONNECT_TIMEOUT = 365 * 86400.0
 NBD_URI_HELP = ('use "nbd://HOST[:PORT]/EXPORT" or "nbd+unix:///EXPORT?socket=/ABSOLUTE/PATH", '
@@ -83,6 +84,7 @@ class DeviceConfig:
     uri: str | None = None  # backend "nbd": the export's NBD URI
     reconnect_timeout: float | None = None  # backend "nbd": seconds; 0 = forever
     read_only: bool = False
+    zero_copy: bool = True  # backend "file": UBLK_F_AUTO_BUF_REG where the kernel has it
 
     def to_dict(self) -> dict[str, object]:
         """A JSON-friendly copy, kept in the state file so recovery serves what was created."""
@@ -271,6 +273,7 @@ def parse_config(name: str, text: str, source: Path) -> DeviceConfig:
         uri=_nbd_uri(table, backend, source),
         reconnect_timeout=_reconnect_timeout(table, backend, source),
         read_only=_read_only(table, backend, source),
+        zero_copy=_zero_copy(table, backend, source),
     )
 
 
@@ -460,6 +463,18 @@ def _read_only(table: dict[str, object], backend: str, source: Path) -> bool:
     value = table.get("read_only", False)
     if not isinstance(value, bool):
         raise _invalid(source, "read_only", value, f"is {_kind(value)}", "use true or false")
+    return value
+
+
+def _zero_copy(table: dict[str, object], backend: str, source: Path) -> bool:
+    """Whether a file device moves data without copying it through ublkd
+    (UBLK_F_AUTO_BUF_REG, Linux 6.16+; elsewhere it has no effect)."""
+    if backend != "file" and "zero_copy" in table:
+        raise ConfigError(f"{source}: key 'zero_copy' is only for backend = \"file\"; "
+                          f"remove it")
+    value = table.get("zero_copy", True)
+    if not isinstance(value, bool):
+        raise _invalid(source, "zero_copy", value, f"is {_kind(value)}", "use true or false")
     return value
 
 

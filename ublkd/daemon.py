@@ -313,6 +313,15 @@ class Device:
                 f"(`ublkd features` lists what it has); choose recovery = \"reissue\" or "
                 f"\"abort\", or run a newer kernel")
 
+    def zero_copy_possible(self) -> bool:
+        """Zero copy (UBLK_F_AUTO_BUF_REG, 6.16+) for a file device: each
+        request's pages become an io_uring fixed buffer that the backing
+        file is read into and written from directly, with no copy through
+        ublkd's memory.  Only the file backend: NBD sends from, and the null
+        backend zeroes, a buffer of ours."""
+        return (self.config.backend == "file" and self.config.zero_copy
+                and bool(self.control.features() & uapi.UBLK_F_AUTO_BUF_REG))
+
     def add_device(self, dev_id: int | None, queues: int) -> DeviceInfo:
         self.refuse_unsupported_recovery()
         # NEED_GET_DATA: the queues lend buffers per request instead of one
@@ -322,6 +331,8 @@ class Device:
             flags |= uapi.UBLK_F_CMD_IOCTL_ENCODE
         if flags & uapi.UBLK_F_USER_RECOVERY and self.control.features() & uapi.UBLK_F_QUIESCE:
             flags |= uapi.UBLK_F_QUIESCE  # hand-overs between requests (hand_over_if_asked)
+        if self.zero_copy_possible():
+            flags |= uapi.UBLK_F_AUTO_BUF_REG  # the kernel drops NEED_GET_DATA then
         info = self.control.add_device(
             dev_id=dev_id,
             nr_queues=queues,
@@ -510,6 +521,7 @@ class Device:
             queue = Queue(char_fd, q_id, self.info.queue_depth, self.info.max_io_buf_bytes,
                           backend, fetch_op, commit_op,
                           need_get_data=bool(self.info.flags & uapi.UBLK_F_NEED_GET_DATA),
+                          auto_buf_reg=bool(self.info.flags & uapi.UBLK_F_AUTO_BUF_REG),
                           fetch_together=together)
             self.queues.append(queue)
             queue.start()

@@ -9,6 +9,7 @@ import logging
 from ublkd import identity
 from ublkd.config import conf_dir, format_size, load_config, name_problem
 from ublkd.errors import DeviceNotFoundError, UblkdError
+from ublkd.kernel import uapi
 from ublkd.kernel.control import ControlDevice, DeviceInfo, device_ids
 from ublkd.state import DeviceState, list_states
 
@@ -66,6 +67,9 @@ def device_row(dev_id: int, name: str | None, info: DeviceInfo | None,
         "recovery": config.get("recovery"),
         "queues": info.nr_queues if info else None,
         "queue_depth": info.queue_depth if info else None,
+        # What the kernel serves the device with: QUIESCE (hand-overs),
+        # AUTO_BUF_REG (zero copy), the recovery bits.
+        "flags": uapi.feature_names(info.flags) if info else None,
         "generation": state.generation if state else None,
         "recoveries": state.generation - 1 if state else None,
         "version": state.version if state else None,

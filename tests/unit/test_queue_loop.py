@@ -180,7 +180,7 @@ def kernel_asks_for_data(h: Harness, tag: int, sectors: int, data_fd: int) -> No
 def test_pool_fetches_name_no_buffer_and_reads_share_one(pooled, files):
     _, backing = files
     pooled.loop.use_file_backend(backing)
-    assert pooled.loop.fetch_address(5 % DEPTH) == 0
+    assert pooled.loop.buffer(5 % DEPTH) == 0  # what its FETCH names: none
     for tag in (0, 3):
         pooled.request(tag, uapi.UBLK_IO_OP_READ, sector=tag * 8, sectors=8)
         assert pooled.events(1) == [(tag, NOT_A_UBLK_DEVICE)]

@@ -70,6 +70,7 @@ int ublkd_submit_and_wait_timeout(struct io_uring *ring, unsigned wait_nr,
 unsigned ublkd_reap(struct io_uring *ring, uint64_t *user_data, int32_t *res,
                     unsigned max);
 int ublkd_register_files(struct io_uring *ring, const int *fds, unsigned n);
+int ublkd_register_buffers_sparse(struct io_uring *ring, unsigned n);
 
 #define UBLKD_BACKEND_IO ...
 #define UBLKD_KIND_PYTHON ...
@@ -84,6 +85,7 @@ struct ublkd_queue {
 	uint32_t commit_op;
 	uint32_t get_data_op;
 	int pool;
+	int auto_buf_reg;
 	int char_fd;
 	int char_fixed;
 	int backend_kind;
@@ -121,6 +123,7 @@ struct ublkd_queue {
 void ublkd_queue_init_slots(struct ublkd_queue *q);
 int ublkd_queue_serve(struct ublkd_queue *q, int64_t wait_ns, int64_t budget_ns);
 int ublkd_queue_commit(struct ublkd_queue *q, uint16_t tag, int32_t result);
+int ublkd_queue_fetch(struct ublkd_queue *q, uint32_t fetch_op, uint16_t tag);
 uint64_t ublkd_queue_buffer(struct ublkd_queue *q, uint16_t tag);
 uint64_t ublkd_queue_oldest(struct ublkd_queue *q);
 uint64_t ublkd_now_ns(void);

@@ -40,7 +40,8 @@ class Queue:
 
     def __init__(self, char_fd: int, q_id: int, depth: int, buffer_size: int,
                  backend: Backend, fetch_op: int, commit_op: int,
-                 need_get_data: bool = False, fetch_together: threading.Barrier | None = None):
+                 need_get_data: bool = False, auto_buf_reg: bool = False,
+                 fetch_together: threading.Barrier | None = None):
         self.char_fd = char_fd
         self.q_id = q_id
         self.depth = depth
@@ -50,6 +51,8 @@ class Queue:
         self.commit_op = commit_op
         # The device has UBLK_F_NEED_GET_DATA: buffers from a pool, not one per tag.
         self.need_get_data = need_get_data
+        # The device has UBLK_F_AUTO_BUF_REG: zero copy, no buffers of ours.
+        self.auto_buf_reg = auto_buf_reg
         # Every queue of the device sends its FETCHes at the same moment (see
         # _fetch_every_tag): shared by the device's queues, None alone.
         self.fetch_together = fetch_together
@@ -121,7 +124,8 @@ class Queue:
             with Ring(self._ring_entries(), single_issuer=True) as ring:
                 get_data_op = need_get_data_opcode(self.commit_op) if self.need_get_data else None
                 loop = QueueLoop(ring, self.char_fd, self.q_id, self.depth, descriptors,
-                                 buffers, self.buffer_size, self.commit_op, get_data_op)
+                                 buffers, self.buffer_size, self.commit_op, get_data_op,
+                                 auto_buf_reg=self.auto_buf_reg)
                 try:
                     self._use_fast_path(loop)
                     self._loop = loop
@@ -172,8 +176,7 @@ class Queue:
         between their submissions.
         """
         for tag in range(self.depth):
-            ring.prep_ublk_io(self.char_fd, self.fetch_op, self.q_id, tag, 0,
-                              loop.fetch_address(tag), tag)
+            loop.fetch(self.fetch_op, tag)
         if self.fetch_together is not None:
             self.fetch_together.wait(FETCH_TOGETHER_WAIT)
         ring.submit()

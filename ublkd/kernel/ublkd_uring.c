@@ -222,6 +222,14 @@ int ublkd_register_files(struct io_uring *ring, const int *fds, unsigned n)
 	return io_uring_register_files(ring, fds, n);
 }
 
+/* An empty table of n fixed buffers, for the kernel to fill (AUTO_BUF_REG). */
+int ublkd_register_buffers_sparse(struct io_uring *ring, unsigned n)
+{
+	if (!ring)
+		return -EBADFD;
+	return io_uring_register_buffers_sparse(ring, n);
+}
+
 /* ---- The serving loop of one ublk queue -------------------------------
  *
  * Everything a request needs on its common path happens here, with the
@@ -242,6 +250,13 @@ int ublkd_register_files(struct io_uring *ring, const int *fds, unsigned n)
  * by its COMMIT: buffers come from a LIFO pool when a request needs one
  * and go back once the kernel has copied out of them, so only about as
  * many as there are requests in flight are ever touched.
+ *
+ * With UBLK_F_AUTO_BUF_REG (6.16+, "zero copy") there are no buffers of
+ * ours at all: each FETCH/COMMIT_AND_FETCH names, in its SQE's addr, the
+ * ring's fixed-buffer slot (the tag) where the kernel registers the next
+ * request's own pages; READ_FIXED/WRITE_FIXED on the backing file then
+ * move the data straight between the file and the request, and the
+ * COMMIT on this ring unregisters it.  NEED_GET_DATA does not apply.
  */
 
 #define UBLKD_FALLOC_KEEP_SIZE 0x01
@@ -266,7 +281,7 @@ void ublkd_queue_init_slots(struct ublkd_queue *q)
 
 	q->nfree = q->nreleased = 0;
 	for (i = 0; i < q->depth; i++) {
-		q->slot[i] = q->pool ? -1 : (int32_t)i;
+		q->slot[i] = (q->pool || q->auto_buf_reg) ? -1 : (int32_t)i;
 		if (q->pool)	/* LIFO: buffer 0 on top, so low buffers stay hot */
 			q->free_slots[q->nfree++] = q->depth - 1 - i;
 	}
@@ -329,7 +344,16 @@ static int ublkd_prep_io_cmd(struct ublkd_queue *q, uint32_t op, uint16_t tag,
 	cmd->tag = tag;
 	cmd->result = result;
 	cmd->addr = addr;
+	if (q->auto_buf_reg)	/* struct ublk_auto_buf_reg: index = tag, no flags */
+		sqe->addr = tag;
 	return 0;
+}
+
+/* FETCH_REQ of tag: its own buffer, none (pool mode: named later), or the
+ * fixed-buffer slot the kernel registers the request in (auto_buf_reg). */
+int ublkd_queue_fetch(struct ublkd_queue *q, uint32_t fetch_op, uint16_t tag)
+{
+	return ublkd_prep_io_cmd(q, fetch_op, tag, 0, ublkd_queue_buffer(q, tag));
 }
 
 int ublkd_queue_commit(struct ublkd_queue *q, uint16_t tag, int32_t result)
@@ -395,7 +419,7 @@ static int ublkd_file_io(struct ublkd_queue *q, unsigned tag,
 	struct io_uring_sqe *sqe;
 
 	if (op == UBLKD_OP_READ || op == UBLKD_OP_WRITE) {
-		if (q->backend_inline) {
+		if (q->backend_inline && !q->auto_buf_reg) {
 			*res = ublkd_inline_io(q, op, buf, len, offset);
 			return 0;
 		}
@@ -413,10 +437,16 @@ static int ublkd_file_io(struct ublkd_queue *q, unsigned tag,
 		return -2;
 	switch (op) {
 	case UBLKD_OP_READ:
-		io_uring_prep_read(sqe, q->backend_fd, buf, len, offset);
+		if (q->auto_buf_reg)	/* addr: an offset into the request, 0 */
+			io_uring_prep_read_fixed(sqe, q->backend_fd, NULL, len, offset, tag);
+		else
+			io_uring_prep_read(sqe, q->backend_fd, buf, len, offset);
 		break;
 	case UBLKD_OP_WRITE:
-		io_uring_prep_write(sqe, q->backend_fd, buf, len, offset);
+		if (q->auto_buf_reg)
+			io_uring_prep_write_fixed(sqe, q->backend_fd, NULL, len, offset, tag);
+		else
+			io_uring_prep_write(sqe, q->backend_fd, buf, len, offset);
 		break;
 	case UBLKD_OP_FLUSH:
 		io_uring_prep_fsync(sqe, q->backend_fd, IORING_FSYNC_DATASYNC);
@@ -450,7 +480,12 @@ static int ublkd_dispatch(struct ublkd_queue *q, unsigned tag, uint64_t now)
 	void *buf = NULL;
 
 	ublkd_set_started(q, tag, now);
-	if (op == UBLKD_OP_READ || op == UBLKD_OP_WRITE) {
+	if (q->auto_buf_reg) {
+		/* The request's pages are the ring's buffer number tag: only
+		 * the file backend's fixed reads and writes can use them. */
+		if (q->backend_kind != UBLKD_KIND_FILE)
+			return ublkd_queue_commit(q, tag, -EIO);
+	} else if (op == UBLKD_OP_READ || op == UBLKD_OP_WRITE) {
 		uint64_t addr;
 
 		if (q->pool && op == UBLKD_OP_WRITE && q->slot[tag] < 0)

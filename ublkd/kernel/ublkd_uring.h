@@ -50,6 +50,9 @@ struct ublkd_queue {
 	uint32_t commit_op;	/* COMMIT_AND_FETCH_REQ, legacy or ioctl form */
 	uint32_t get_data_op;	/* NEED_GET_DATA, same form */
 	int pool;		/* NEED_GET_DATA device: buffers from the pool */
+	int auto_buf_reg;	/* UBLK_F_AUTO_BUF_REG device: no buffers of ours;
+				 * the kernel registers each request's pages as
+				 * the ring's fixed buffer number tag (zero copy) */
 	int char_fd;		/* /dev/ublkcN: fd, or fixed-file index */
 	int char_fixed;
 	int backend_kind;	/* UBLKD_KIND_* */
@@ -129,9 +132,11 @@ int ublkd_submit_and_wait_timeout(struct io_uring *ring, unsigned wait_nr,
 unsigned ublkd_reap(struct io_uring *ring, uint64_t *user_data, int32_t *res,
                     unsigned max);
 int ublkd_register_files(struct io_uring *ring, const int *fds, unsigned n);
+int ublkd_register_buffers_sparse(struct io_uring *ring, unsigned n);
 void ublkd_queue_init_slots(struct ublkd_queue *q);
 int ublkd_queue_serve(struct ublkd_queue *q, int64_t wait_ns, int64_t budget_ns);
 int ublkd_queue_commit(struct ublkd_queue *q, uint16_t tag, int32_t result);
+int ublkd_queue_fetch(struct ublkd_queue *q, uint32_t fetch_op, uint16_t tag);
 uint64_t ublkd_queue_buffer(struct ublkd_queue *q, uint16_t tag);
 uint64_t ublkd_queue_oldest(struct ublkd_queue *q);
 uint64_t ublkd_now_ns(void);

@@ -133,6 +133,12 @@ class Ring:
         if ret < 0:
             _raise(ret, "io_uring_register_files")
 
+    def register_sparse_buffers(self, count: int) -> None:
+        """An empty table of `count` fixed buffers, for the kernel to fill."""
+        ret = lib.ublkd_register_buffers_sparse(self._live(), count)
+        if ret:
+            self._fail(ret, "io_uring_register_buffers_sparse")
+
     def fileno(self) -> int:
         """The ring's own fd (e.g. to poll it or register an eventfd)."""
         return lib.ublkd_ring_fd(self._live())
@@ -293,11 +299,15 @@ class QueueLoop:
     Without ``get_data_op`` tag t owns buffer t.  With it (the device has
     UBLK_F_NEED_GET_DATA; pass the NEED_GET_DATA opcode) buffers are lent
     from a pool per request, so only about as many as there are requests in
-    flight are ever touched (resident).
+    flight are ever touched (resident).  With ``auto_buf_reg`` (the device
+    has UBLK_F_AUTO_BUF_REG) no buffer is used: the kernel registers each
+    request's pages in the ring's fixed-buffer slot of its tag, and only the
+    file backend, with fixed reads and writes, serves reads and writes.
     """
 
     def __init__(self, ring: Ring, char_fd: int, q_id: int, depth: int, descriptors: Any,
-                 buffers: Any, buffer_size: int, commit_op: int, get_data_op: int | None = None):
+                 buffers: Any, buffer_size: int, commit_op: int, get_data_op: int | None = None,
+                 auto_buf_reg: bool = False):
         self._closed = False
         self._ring = ring
         self.depth = depth
@@ -329,11 +339,14 @@ class QueueLoop:
         q.ev_max = events
         q.pool = int(get_data_op is not None)
         q.get_data_op = get_data_op or 0
+        q.auto_buf_reg = int(auto_buf_reg)
         self.pooled = get_data_op is not None
         self._slots = [ffi.new("int32_t[]", depth) for _ in range(3)]
         q.slot, q.free_slots, q.released = self._slots
         lib.ublkd_queue_init_slots(q)
         self._char_fd = char_fd
+        if auto_buf_reg:
+            ring.register_sparse_buffers(depth)
 
     def use_file_backend(self, fd: int, inline: bool = False, fixed_files: bool = True,
                          punch_hole: bool = True, zero_range: bool = True) -> None:
@@ -377,9 +390,12 @@ class QueueLoop:
             return []
         return list(zip(ffi.unpack(self._ev_ud, n), ffi.unpack(self._ev_res, n), strict=True))
 
-    def fetch_address(self, tag: int) -> int:
-        """The buffer address FETCH_REQ names for tag: none in pool mode."""
-        return 0 if self.pooled else self.buffer_base + tag * self._q.buf_size
+    def fetch(self, fetch_op: int, tag: int) -> None:
+        """Queue FETCH_REQ of tag, naming its buffer (none in pool mode, the
+        fixed-buffer slot with auto_buf_reg)."""
+        ret = lib.ublkd_queue_fetch(self._q, fetch_op, tag)
+        if ret:
+            _raise(ret, "prep_ublk_io (fetch)")
 
     def buffer(self, tag: int) -> int:
         """Address of the buffer of the request tag holds (0 if it has none)."""
