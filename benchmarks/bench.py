@@ -1,6 +1,7 @@
 """fio in the guest: ublkd against the kernel's own drivers, in one run.
 
-    .venv/bin/python -m benchmarks.bench [--quick] [--runtime S] [--backings disk,tmpfs]
+    .venv/bin/python -m benchmarks.bench [--kernel 6.12|6.18] [--quick] [--runtime S]
+                                         [--backings disk,tmpfs]
                                          [--kills N] [--kill-kinds worker,main,unit]
                                          [--json FILE]
     .venv/bin/python -m benchmarks.bench --targets none --backings disk --kill-kinds unit
@@ -10,7 +11,10 @@ Jobs (fio, io_uring engine, O_DIRECT, one job): 4k randread and randwrite
 at iodepth 1, 32 and 128; 128k sequential read and write at iodepth 32.
 
 Targets, all in the same guest, on the same backing file per backing:
-  ublkd-file     ublkd's file backend (2 queues of depth 128)
+  ublkd-file     ublkd's file backend (2 queues of depth 128); zero copy where
+                 the kernel has UBLK_F_AUTO_BUF_REG (6.16+)
+  ublkd-copy     the same with zero_copy = false: today's copying path, for the
+                 before/after of zero copy (only on a kernel that has it)
   loop           /dev/loopN on the same file with direct I/O: the reference
   file           fio's io_uring engine straight on the backing file: the limit
   ublkd-null     ublkd's null backend
@@ -48,6 +52,7 @@ from pathlib import Path
 from benchmarks import nbd
 from tests.guest.serving import UBLKD, fio_jobs, ublkd, write_config
 from tests.testbed import Guest, GuestConfig, GuestError, prepare
+from tests.testbed.provision import KERNEL_LINES
 
 CHECKOUT = Path(__file__).resolve().parents[1]
 SIZE = "512MiB"
@@ -83,11 +88,12 @@ JOBS = [
     Job("128k write qd32", "write", "128k", 32),
 ]
 
-TARGETS = ("ublkd-file", "loop", "file", "ublkd-null", "null_blk", *nbd.TARGETS)
+TARGETS = ("ublkd-file", "ublkd-copy", "loop", "file", "ublkd-null", "null_blk", *nbd.TARGETS)
 KILL_KINDS = ("worker", "main", "unit")  # benchmarks/recovery_gap.py --kill
 
 # target -> the one its ratio is taken against
-REFERENCE = {"ublkd-file": "loop", "ublkd-null": "null_blk", "ublkd-nbd": "kernel-nbd"}
+REFERENCE = {"ublkd-file": "loop", "ublkd-copy": "loop", "ublkd-null": "null_blk",
+             "ublkd-nbd": "kernel-nbd"}
 
 
 @dataclass
@@ -234,16 +240,19 @@ def stop_daemon(guest: Guest, daemon: Daemon) -> None:
 
 def bench_file(guest: Guest, backing: str, args, run: Run) -> None:
     path = prepare_backing(guest, backing)
-    if "ublkd-file" in args.targets:
-        daemon = start_daemon(guest, "bench", f'backend = "file"\npath = "{path}"\n')
+    zero_copy = "AUTO_BUF_REG" in guest.run([UBLKD, "features", "--json"]).stdout
+    for target, extra in (("ublkd-file", ""), ("ublkd-copy", "zero_copy = false\n")):
+        if target not in args.targets or (target == "ublkd-copy" and not zero_copy):
+            continue
+        daemon = start_daemon(guest, "bench", f'backend = "file"\npath = "{path}"\n{extra}')
         idle = daemon.snapshot()
-        run.samples += measure(guest, "ublkd-file", backing, daemon.device, args, daemon)
+        run.samples += measure(guest, target, backing, daemon.device, args, daemon)
         peak = daemon.snapshot()
         main_rss, both_pss = daemon.main_memory_kib()
-        run.daemons[f"ublkd-file/{backing}"] = {"idle_rss_mib": idle["rss_kib"] / 1024,
-                                                "peak_rss_mib": peak["hwm_kib"] / 1024,
-                                                "main_rss_mib": main_rss / 1024,
-                                                "main_worker_pss_mib": both_pss / 1024}
+        run.daemons[f"{target}/{backing}"] = {"idle_rss_mib": idle["rss_kib"] / 1024,
+                                              "peak_rss_mib": peak["hwm_kib"] / 1024,
+                                              "main_rss_mib": main_rss / 1024,
+                                              "main_worker_pss_mib": both_pss / 1024}
         stop_daemon(guest, daemon)
     if "loop" in args.targets:
         loop = guest.run(f"losetup --direct-io=on --find --show {path}").stdout.strip()
@@ -363,6 +372,8 @@ def summary(run: Run) -> str:
 def parse_args(argv: list[str] | None):
     parser = argparse.ArgumentParser(prog="python -m benchmarks.bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--kernel", choices=tuple(KERNEL_LINES), default=None,
+                        help="the test bed kernel (default: UBLKD_TESTBED_KERNEL, else 6.12)")
     parser.add_argument("--quick", action="store_true",
                         help="2 s per job (1 s ramp), the disk backing only, 5 kills")
     parser.add_argument("--runtime", type=int, help="seconds per fio job (default 10)")
@@ -428,7 +439,8 @@ def main(argv: list[str] | None = None) -> int:
     DISK_IMAGE.unlink(missing_ok=True)
     with open(DISK_IMAGE, "wb") as image:
         image.truncate(2 << 30)  # sparse; ext4 plus the 512 MiB file
-    guest = Guest(prepare(), log_dir, GuestConfig(disks=[DISK_IMAGE]))
+    kernel = prepare(line=args.kernel)
+    guest = Guest(kernel, log_dir, GuestConfig(disks=[DISK_IMAGE]))
     started = time.monotonic()
     guest.boot()
     run = Run()
@@ -448,12 +460,14 @@ def main(argv: list[str] | None = None) -> int:
         power_off(guest)
         DISK_IMAGE.unlink(missing_ok=True)
     apply_ratios(run.samples)
+    print(f"kernel {kernel.version}")
     print(table(run.samples))
     print()
     print(summary(run))
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({
-        "runtime_s": args.runtime, "ramp_s": args.ramp, "queues": QUEUES, "depth": DEPTH,
+        "kernel": kernel.version, "runtime_s": args.runtime, "ramp_s": args.ramp,
+        "queues": QUEUES, "depth": DEPTH,
         "samples": [asdict(s) for s in run.samples], "daemons": run.daemons,
         "recovery": run.recovery, "nbd_faults": run.nbd_faults,
         "wall_s": round(time.monotonic() - started),

@@ -10,7 +10,7 @@ import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from ublkd import __version__, daemon, handover, inventory, systemd
+from ublkd import __version__, daemon, handover, inventory, succession, systemd
 from ublkd.config import load_config, validate_name
 from ublkd.errors import EXIT_INTERNAL, DeviceNotFoundError, UblkdError
 from ublkd.kernel import uapi
@@ -59,8 +59,9 @@ exit status:
   6  the backing file cannot be used
   7  no such device
   8  an optional Python package is missing (the message names it)
-  9  upgrade refused: the device's recovery mode ("none", "abort") would not
-     survive a hand-over; it stays with its daemon until a planned restart
+  9  upgrade refused: the device's recovery mode ("none", "fail_io", "abort"
+     without quiesce) would not survive a hand-over; it stays with its daemon
+     until a planned restart
 
 examples:
   ublkd serve vol0          serve /etc/ublkd/vol0.toml in the foreground
@@ -131,13 +132,16 @@ def build_parser() -> argparse.ArgumentParser:
         "upgrade", help="hand a running device over to a new ublkd process",
         description="Make the daemon of ublkd@NAME hand its device over to a new process "
                     "started from the ublkd installed now (the package's postinst runs "
-                    "this after an upgrade): the daemon finishes its backend I/O in "
+                    "this after an upgrade): the daemon quiesces the device where the "
+                    "kernel can (UBLK_F_QUIESCE, 6.16+), finishes its backend I/O in "
                     "flight and exits; systemd starts the new one, which recovers the "
                     "device. With recovery = \"reissue\" applications see no error; the "
                     "device, its number and its mounts stay. Waits until the new daemon "
                     "is ready. Refuses (exit 9) a device created with recovery = \"none\" "
-                    "(the kernel would remove it) or \"abort\" (its held I/O would fail), "
-                    "as the kernel's flags for it say, whatever its config says now.")
+                    "(the kernel would remove it), \"fail_io\" (its I/O would fail until "
+                    "the new daemon serves it) or \"abort\" without quiesce (its held I/O "
+                    "would fail), as the kernel's flags for it say, whatever its config "
+                    "says now.")
     upgrade.add_argument("name", metavar="NAME")
     upgrade.set_defaults(func=cmd_upgrade)
 
@@ -231,11 +235,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def serve(name: str) -> int:
+    # First: it sets WATCHDOG_PID to this process, which the Notifier reads.
+    predecessor = succession.predecessor_from_environment()
     config, config_error = daemon.config_for_serving(validate_name(name))
     notifier = systemd.Notifier()
     return Supervisor(config.name,
-                      lambda: exit_code_of(daemon.serve, config, notifier, config_error),
-                      notifier.status).run()
+                      lambda first: exit_code_of(daemon.serve, config, notifier, config_error,
+                                                 first),
+                      notifier.status, predecessor).run()
 
 
 def cmd_upgrade(args: argparse.Namespace) -> int:

@@ -47,6 +47,7 @@ from ublkd import __version__, identity, systemd
 from ublkd.backends import Backend, open_backend
 from ublkd.config import DeviceConfig, load_config
 from ublkd.errors import (ConfigError, CorruptStateError, DeviceBusyError, DeviceNotFoundError,
+                          HandOverRefusedError,
                           KernelError, NotRootError, StateError, UblkdError)
 from ublkd.handover import RECOVERY_FLAGS, hand_over_loss
 from ublkd.kernel import uapi
@@ -54,6 +55,7 @@ from ublkd.kernel.control import ControlDevice, DeviceInfo, Params
 from ublkd.kernel.queue import Queue
 from ublkd.state import (DeviceState, corrupt_state_kept, load_state, next_generation,
                          quarantine_state, remove_state, save_state)
+from ublkd.succession import EXIT_HANDED_OVER, READY, TOOK_OVER, Predecessor
 from ublkd.supervisor import EXIT_SIGNALLED_BASE, drain
 from ublkd.systemd import Notifier
 
@@ -63,10 +65,13 @@ IO_BUFFER_BYTES = 512 * 1024  # per tag; also the largest request the kernel sen
 CHAR_DEVICE_WAIT = 5.0  # seconds for /dev/ublkcN to appear after ADD_DEV
 RECOVERY_WAIT = 30.0  # seconds START_USER_RECOVERY is retried while EBUSY
 RECOVERY_RETRY = 0.1
+# Retried this often for the first FAST_RETRY_SECONDS: a hand-over's
+# successor waits for its predecessor's exit, while the device's I/O waits.
+FAST_RETRY = 0.002
+FAST_RETRY_SECONDS = 2.0
 QUEUE_SILENCE_LIMIT = 10.0  # a queue loop that has not run for this long is stuck
 # QUIESCE_DEV waits at most this long for each queue to have an idle tag.
 QUIESCE_TIMEOUT_MS = 10_000
-EXIT_HANDED_OVER = 75  # SIGUSR2: left the device to a successor (the unit restarts us)
 
 # What a device is made of; an existing device keeps them (keep_settings_of).
 DEVICE_SHAPING_KEYS = ("backend", "path", "size", "logical_block_size", "recovery")
@@ -147,8 +152,12 @@ class Device:
     """One served ublk device; `run()` returns after a clean stop."""
 
     def __init__(self, config: DeviceConfig, control: ControlDevice, notifier: Notifier,
-                 config_error: ConfigError | None = None):
+                 config_error: ConfigError | None = None,
+                 predecessor: Predecessor | None = None):
         self.config = config
+        # This process was started to take the device over from a running
+        # worker (ublkd/succession.py).
+        self.predecessor = predecessor
         # Set when /etc/ublkd/NAME.toml is wrong and `config` is the one kept in
         # the state file: good to recover an existing device, never to create one.
         self.config_error = config_error
@@ -173,11 +182,29 @@ class Device:
             log.warning("%s: recovering /dev/ublkb%d with the configuration it was created "
                         "with (its state file); fix the file, it applies at the next create",
                         self.name, existing.dev_id)
+        if self.predecessor is not None:
+            self.ready_to_take_over(existing)
         if existing is None:
             self.create_and_serve(previous, may_create=not had_state)
         else:
             self.recover_and_serve(previous, existing)
         return EXIT_HANDED_OVER if self.handing_over else 0
+
+    def ready_to_take_over(self, existing: DeviceInfo | None) -> None:
+        """Tell the predecessor's main process that its worker may let go, once
+        the device is known to be one this process can take over."""
+        if existing is None or existing.pid != self.predecessor.pid:
+            served = f"served by pid {existing.pid}" if existing else "gone"
+            raise DeviceNotFoundError(
+                f"{self.name}: started to take the device over from pid "
+                f"{self.predecessor.pid}, but it is {served}; nothing taken over")
+        loss = hand_over_loss(existing.flags)
+        if loss is not None:
+            raise HandOverRefusedError(f"{self.name}: not handed over: /dev/ublkb"
+                                       f"{existing.dev_id} {loss.removeprefix('the kernel ')}")
+        log.info("%s: taking /dev/ublkb%d over from pid %d", self.name, existing.dev_id,
+                 existing.pid)
+        self.predecessor.say(READY)
 
     def find_device(self) -> tuple[DeviceState | None, DeviceInfo | None, bool]:
         """(the state to go by, our kernel device to recover or None, whether
@@ -239,7 +266,8 @@ class Device:
                         "and creating the device anew", self.name, info.dev_id)
             self.control.delete_device(info.dev_id)
             return None
-        if info.pid != os.getpid() and server_alive(info.pid) and \
+        taking_over = self.predecessor is not None and info.pid == self.predecessor.pid
+        if info.pid != os.getpid() and server_alive(info.pid) and not taking_over and \
                 info.state == uapi.UBLK_S_DEV_LIVE:
             raise DeviceBusyError(
                 f"{self.name}: /dev/ublkb{info.dev_id} is LIVE and served by ublkd pid "
@@ -449,7 +477,8 @@ class Device:
         ready again): the kernel is waiting for FETCHes, which we send next.
         """
         dev_id = self.info.dev_id
-        deadline = time.monotonic() + RECOVERY_WAIT
+        started = time.monotonic()
+        deadline = started + RECOVERY_WAIT
         announced = False
         while True:
             try:
@@ -469,7 +498,8 @@ class Device:
                          "(the kernel must see /dev/ublkc%d closed and the device "
                          "quiesced)", self.name, dev_id, dev_id)
                 announced = True
-            time.sleep(RECOVERY_RETRY)
+            fast = time.monotonic() - started < FAST_RETRY_SECONDS
+            time.sleep(FAST_RETRY if fast else RECOVERY_RETRY)
 
     # -- serving ---------------------------------------------------------------
     def save_state(self, generation: int, created: str) -> None:
@@ -543,6 +573,7 @@ class Device:
         device is recovered), never like a stop (the device deleted).
         """
         self.notifier.ready(self.status_line("LIVE"))
+        self.tell_predecessor_we_serve()
         backing = str(self.config.path) if self.config.path else None
         try:
             self.notifier.ensure_stop_order(self.name, self.info.dev_id, backing)
@@ -558,6 +589,19 @@ class Device:
             return
         self.notifier.stopping(self.status_line("stopping"))
         log.info("%s: stopping /dev/ublkb%d", self.name, self.info.dev_id)
+
+    def tell_predecessor_we_serve(self) -> None:
+        """A successor is the unit's main process from now on: systemd is told
+        (MAINPID= of our main process; NotifyAccess=all lets a worker say
+        it), then the old main process, which exits."""
+        if self.predecessor is None:
+            return
+        self.notifier.send(f"MAINPID={os.getppid()}")
+        self.predecessor.say(TOOK_OVER)
+        self.predecessor.close()
+        log.info("%s: took /dev/ublkb%d over from pid %d", self.name, self.info.dev_id,
+                 self.predecessor.pid)
+        self.predecessor = None
 
     def refuse_hand_over(self) -> bool:
         """A SIGUSR2 alone (`ublkd upgrade`, or sent by hand) for a device that
@@ -728,14 +772,15 @@ class Device:
             self.control.delete_device(self.info.dev_id)
 
 
-def serve(config: DeviceConfig, notifier: Notifier, config_error: ConfigError | None = None
-          ) -> int:
-    """Create or recover the device `config` describes; serve it until SIGTERM/SIGINT
-    (returns 0) or SIGUSR2 (hands it over, returns EXIT_HANDED_OVER)."""
+def serve(config: DeviceConfig, notifier: Notifier, config_error: ConfigError | None = None,
+          predecessor: Predecessor | None = None) -> int:
+    """Create or recover the device `config` describes (or take it over from
+    `predecessor`); serve it until SIGTERM/SIGINT (returns 0) or SIGUSR2
+    (hands it over, returns EXIT_HANDED_OVER)."""
     require_root()
     faulthandler.enable()  # SIGABRT from the watchdog prints every thread's stack
     with contextlib.closing(ControlDevice()) as control:
-        device = Device(config, control, notifier, config_error)
+        device = Device(config, control, notifier, config_error, predecessor)
         device.stop.listen((signal.SIGTERM, signal.SIGINT, signal.SIGUSR2))
         return device.run()
 

@@ -18,6 +18,9 @@ that status, so systemd sees what the worker decided.  Only a worker
 killed by a signal (SIGKILL, the OOM killer, SIGSEGV in native code) is
 replaced in place, at most RESPAWN_BURST times per RESPAWN_WINDOW seconds;
 beyond that the parent exits and systemd's own start limit applies.
+
+A hand-over (SIGUSR2, `ublkd upgrade`) starts the successor first and
+lets the worker go only once the successor is ready (ublkd/succession.py).
 """
 
 from __future__ import annotations
@@ -32,6 +35,9 @@ import time
 from collections import deque
 from collections.abc import Callable
 
+from ublkd.succession import (EXIT_HANDED_OVER, READY, TOOK_OVER, Predecessor, Successor,
+                              successor_argv)
+
 log = logging.getLogger(__name__)
 
 RESPAWN_BURST = 5
@@ -42,14 +48,25 @@ PR_SET_PDEATHSIG = 1
 
 
 class Supervisor:
-    """Runs `work` in a forked worker until it exits by itself."""
+    """Runs `work` in a forked worker until it exits by itself.
 
-    def __init__(self, name: str, work: Callable[[], int], status: Callable[[str], None]):
+    `work` gets the predecessor (this process was started to take a device
+    over) in the first worker only: a worker forked again after a kill
+    recovers the device like any other.
+    """
+
+    def __init__(self, name: str, work: Callable[[Predecessor | None], int],
+                 status: Callable[[str], None], predecessor: Predecessor | None = None,
+                 successor_argv: Callable[[], list[str]] = successor_argv):
         self.name = name
+        self.successor_argv = successor_argv
         self.work = work
         self.status = status
+        self.predecessor = predecessor
         self.worker = 0
         self.stopping = False
+        self.hand_over_asked = False  # SIGUSR2 came; acted on outside the handler
+        self.successor: Successor | None = None
         self.respawns: deque[float] = deque()
         self.wake_r = self.wake_w = -1  # the wake-up pipe of signals (run)
 
@@ -60,7 +77,14 @@ class Supervisor:
             signal.signal(signum, self.forward)
         while True:
             self.worker = self.fork_worker()
+            if self.predecessor is not None:
+                self.predecessor.close()  # the worker has it
+                self.predecessor = None
             status = self.wait_worker()
+            if self.successor is not None:
+                if READY in self.successor.said:
+                    return self.finish_hand_over()
+                self.drop_successor()
             if not os.WIFSIGNALED(status):
                 return os.waitstatus_to_exitcode(status)
             signum = os.WTERMSIG(status)
@@ -87,7 +111,7 @@ class Supervisor:
             os.close(self.wake_r)
             os.close(self.wake_w)
             die_with_parent(parent)
-            code = self.work()
+            code = self.work(self.predecessor)
         finally:
             logging.shutdown()
             sys.stdout.flush()
@@ -106,19 +130,81 @@ class Supervisor:
         """
         pidfd = os.pidfd_open(self.worker)
         try:
-            while pidfd not in select.select([pidfd, self.wake_r], [], [])[0]:
+            while True:
+                watched = [pidfd, self.wake_r]
+                if self.successor is not None and not self.successor.ended:
+                    watched.append(self.successor.pipe)
+                ready = select.select(watched, [], [])[0]
+                if pidfd in ready:
+                    break
                 drain(self.wake_r)  # the handler has run: forwarded
+                if self.hand_over_asked:
+                    self.hand_over_asked = False
+                    self.start_successor()
+                if self.successor is not None and self.successor.pipe in ready:
+                    self.listen_to_successor()
         finally:
             os.close(pidfd)
         _, status = os.waitpid(self.worker, 0)
         return status
 
     def forward(self, signum: int, _frame) -> None:
-        """SIGTERM/SIGINT stop the worker, SIGUSR2 asks it to hand over; either
-        way it exits by itself and we exit with its status."""
+        """SIGTERM/SIGINT stop the worker (and a successor that is taking the
+        device over); either way it exits by itself and we exit with its
+        status.  SIGUSR2 asks for a hand-over: `wait_worker` starts the
+        successor."""
+        if signum == signal.SIGUSR2:
+            self.hand_over_asked = True
+            return
         self.stopping = True
+        if self.successor is not None and READY in self.successor.said:
+            os.kill(self.successor.pid, signum)
         if self.worker:
             os.kill(self.worker, signum)
+
+    def start_successor(self) -> None:
+        """A new ublkd, from the binary installed now, to take the device over."""
+        if self.successor is not None or self.stopping:
+            return
+        self.successor = Successor(self.worker, self.successor_argv())
+        log.info("%s: hand-over asked: started ublkd pid %d to take the device over",
+                 self.name, self.successor.pid)
+
+    def listen_to_successor(self) -> None:
+        """Ready: the worker may let go (SIGUSR2: it hands over as always).
+        Gone before that: it could not take over, and the worker serves on."""
+        successor = self.successor
+        had_said = successor.said
+        successor.hear()
+        if READY in successor.said and READY not in had_said:
+            os.kill(self.worker, signal.SIGUSR2)
+        elif successor.ended and READY not in successor.said:
+            code = successor.reap()
+            self.successor = None
+            log.error("%s: the new ublkd (pid %d) exited with %d before it was ready to take "
+                      "the device over (its messages are above); this daemon keeps serving "
+                      "it", self.name, successor.pid, code)
+            self.status(f"hand-over failed: the new ublkd exited with {code}; still serving")
+
+    def drop_successor(self) -> None:
+        """The worker ended before the successor was ready (a stop, a crash):
+        the successor, which holds nothing yet, must not take the device."""
+        os.kill(self.successor.pid, signal.SIGKILL)
+        self.successor.reap()
+        self.successor = None
+
+    def finish_hand_over(self) -> int:
+        """The worker let go of the device: once the successor serves it, this
+        process (no longer the unit's main process) exits; if the successor
+        died first, systemd's restart recovers the device (EXIT_HANDED_OVER)."""
+        successor = self.successor
+        if successor.wait_for(TOOK_OVER):
+            log.info("%s: ublkd pid %d serves the device now", self.name, successor.pid)
+            return 0
+        code = successor.reap()
+        log.error("%s: the new ublkd (pid %d) exited with %d before it served the device; "
+                  "systemd's restart recovers it", self.name, successor.pid, code)
+        return EXIT_HANDED_OVER
 
     def may_respawn(self, signum: int) -> bool:
         if self.stopping:

@@ -146,9 +146,10 @@ def test_upgrade_under_fio_quiesces_first_where_the_kernel_can(systemd_guest, jo
     assert ("quiesced in" in log) == quiesce, log
     assert show(guest, "ublkd@vol0", "ActiveState")["ActiveState"] == "active"
     release = guest.run("uname -r").stdout.strip()
+    quiesced = re.search(r"quiesced in (\d+) ms", log)
     report(f"upgrade under fio ({release}, recovery = {mode}, "
-           f"{'QUIESCE_DEV' if quiesce else 'no quiesce'}): longest write "
-           f"{job['write']['clat_ns']['max'] / 1e6:.0f} ms")
+           f"{f'QUIESCE_DEV took {quiesced.group(1)} ms' if quiesced else 'no quiesce'}): "
+           f"longest write {job['write']['clat_ns']['max'] / 1e6:.0f} ms")
 
 
 @pytest.mark.parametrize("queues", [1, 2])

@@ -9,10 +9,9 @@ from __future__ import annotations
 import faulthandler
 import os
 import signal
+import sys
 import time
 from pathlib import Path
-
-import pytest
 
 from ublkd import supervisor
 from ublkd.supervisor import Supervisor
@@ -45,7 +44,7 @@ def counting_worker(tmp_path: Path, behaviour):
     """A worker that records its pid, then does behaviour(nth start)."""
     starts = tmp_path / "starts"
 
-    def work() -> int:
+    def work(_predecessor) -> int:
         with starts.open("a") as f:
             f.write(f"{os.getpid()}\n")
         return behaviour(len(starts.read_text().splitlines()))
@@ -91,15 +90,13 @@ def test_respawns_stop_at_the_burst_and_systemd_takes_over(tmp_path):
     assert len(starts.read_text().splitlines()) == 3  # the first and two respawns
 
 
-@pytest.mark.parametrize("signum, expected", [(signal.SIGTERM, 0), (signal.SIGUSR2, 75)])
-def test_signals_reach_the_worker_and_it_is_not_replaced(tmp_path, signum, expected):
-    """SIGTERM (stop) and SIGUSR2 (hand over) go to the worker; it decides."""
+def test_sigterm_reaches_the_worker_and_it_is_not_replaced(tmp_path):
+    """A stop goes to the worker; it decides (and exits with what it decided)."""
     ready = tmp_path / "ready"
 
-    def work() -> int:
+    def work(_predecessor) -> int:
         got = []
         signal.signal(signal.SIGTERM, lambda s, f: got.append(0))
-        signal.signal(signal.SIGUSR2, lambda s, f: got.append(75))
         ready.write_text(str(os.getppid()))
         while not got:
             time.sleep(0.01)
@@ -109,15 +106,93 @@ def test_signals_reach_the_worker_and_it_is_not_replaced(tmp_path, signum, expec
     if pid == 0:
         os._exit(Supervisor("vol0", work, lambda text: None).run())
     assert int(wait_for(ready)) == pid
-    os.kill(pid, signum)
+    os.kill(pid, signal.SIGTERM)
     _, status = os.waitpid(pid, 0)
-    assert os.waitstatus_to_exitcode(status) == expected
+    assert os.waitstatus_to_exitcode(status) == 0
+
+
+# A stand-in for the new ublkd of a hand-over: reads what the supervisor
+# passed, and behaves as argv[1] says.
+FAKE_SUCCESSOR = """
+import os, sys, time
+worker, fd = map(int, os.environ["UBLKD_SUCCESSOR_OF"].split(":"))
+open(sys.argv[2], "w").write(f"{worker}")
+if sys.argv[1] == "refuse":
+    sys.exit(9)
+os.write(fd, b"R")
+while os.path.exists(f"/proc/{worker}") and \\
+        open(f"/proc/{worker}/stat").read().split(")")[1].split()[0] != "Z":
+    time.sleep(0.01)
+if sys.argv[1] == "die":
+    sys.exit(4)
+os.write(fd, b"T")
+time.sleep(30)
+"""
+
+
+def hand_over(tmp_path: Path, mode: str) -> tuple[int, list[str], str, list[str]]:
+    """SIGUSR2 to a supervisor whose successor behaves as `mode` says; the
+    supervisor's exit code, the worker's log, what the successor saw, the
+    status lines.  A worker that gets SIGUSR2 exits 75; SIGTERM, 0."""
+    log, seen, script = tmp_path / "worker-log", tmp_path / "seen", tmp_path / "succ.py"
+    script.write_text(FAKE_SUCCESSOR)
+    status_file = tmp_path / "status"
+
+    def work(_predecessor) -> int:
+        got = []
+        signal.signal(signal.SIGTERM, lambda s, f: got.append(0))
+        signal.signal(signal.SIGUSR2, lambda s, f: got.append(75))
+        log.write_text("serving\n")
+        while not got:
+            time.sleep(0.01)
+        with log.open("a") as f:
+            f.write(f"signal {got[0]}\n")
+        return got[0]
+
+    def status(text: str) -> None:
+        with status_file.open("a") as f:
+            f.write(text + "\n")
+
+    argv = [sys.executable, str(script), mode, str(seen)]
+    pid = os.fork()
+    if pid == 0:
+        os._exit(Supervisor("vol0", work, status, successor_argv=lambda: argv).run())
+    wait_for(log)
+    os.kill(pid, signal.SIGUSR2)
+    if mode == "refuse":
+        deadline = time.monotonic() + 10
+        while not status_file.exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        os.kill(pid, signal.SIGTERM)
+    _, wait_status = os.waitpid(pid, 0)
+    os.system(f"pkill -f {script}")
+    statuses = status_file.read_text().splitlines() if status_file.exists() else []
+    return os.waitstatus_to_exitcode(wait_status), log.read_text().split("\n"), \
+        seen.read_text(), statuses
+
+
+def test_a_hand_over_starts_the_successor_before_the_worker_lets_go(tmp_path):
+    code, worker_log, seen, statuses = hand_over(tmp_path, "take")
+    assert code == 0 and worker_log[:2] == ["serving", "signal 75"] and statuses == []
+    assert seen.split()[0].isdigit()  # the worker it takes over from
+
+
+def test_a_successor_that_cannot_take_over_leaves_the_worker_serving(tmp_path):
+    code, worker_log, _, statuses = hand_over(tmp_path, "refuse")
+    # The worker never saw SIGUSR2; the stop after it is a normal stop.
+    assert code == 0 and worker_log[:2] == ["serving", "signal 0"]
+    assert statuses == ["hand-over failed: the new ublkd exited with 9; still serving"]
+
+
+def test_a_successor_that_dies_after_the_worker_let_go_leaves_it_to_systemd(tmp_path):
+    code, worker_log, _, _ = hand_over(tmp_path, "die")
+    assert code == 75 and worker_log[:2] == ["serving", "signal 75"]
 
 
 def test_the_worker_dies_with_its_parent(tmp_path):
     worker_pid = tmp_path / "worker"
 
-    def work() -> int:
+    def work(_predecessor) -> int:
         worker_pid.write_text(str(os.getpid()))
         time.sleep(60)
         return 0

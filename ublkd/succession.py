@@ -1,0 +1,118 @@
+"""A hand-over with the successor started first (`ublkd upgrade`, SIGUSR2).
+
+Why: a new ublkd process needs seconds of Python start-up before it can
+recover a device (measured in docs/performance.md), and while no server
+runs the device's I/O waits.  So the unit's main process starts the
+successor (the `ublkd` installed now, same arguments) *before* its worker
+lets go of the device, and the pause is only what the kernel needs between
+the old server's exit and the new one's END_USER_RECOVERY.
+
+The two talk over one pipe, the successor writing:
+
+    R   "ready": configuration, state and device found, the device is one
+        that survives a hand-over; it now waits for the device (the old
+        worker's exit) and recovers it.  The old main process then sends
+        SIGUSR2 to its worker, which hands over as always and exits.
+    T   "took over": the device is LIVE again, served by the successor,
+        which has told systemd it is the unit's main process (MAINPID=).
+        The old main process exits.
+
+End of file without R: the successor could not take over (a broken new
+version, a refused device); the old worker keeps serving, and the journal
+says why.  End of file after R without T: the successor died while the
+device had no server; the old main process exits with EXIT_HANDED_OVER
+and systemd's restart recovers the device, as after a crash.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import sys
+from dataclasses import dataclass
+
+EXIT_HANDED_OVER = 75  # the worker left the device to a successor
+ENVIRONMENT = "UBLKD_SUCCESSOR_OF"  # "PID:FD": the worker taken over from, the pipe
+READY = b"R"
+TOOK_OVER = b"T"
+
+
+@dataclass
+class Predecessor:
+    """In a successor: the worker that serves the device now, and the pipe to
+    its main process."""
+
+    pid: int
+    fd: int
+
+    def say(self, word: bytes) -> None:
+        try:
+            os.write(self.fd, word)
+        except OSError:
+            pass  # the old main process is gone: nobody to tell
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+def predecessor_from_environment() -> Predecessor | None:
+    """The predecessor this process was started to succeed, if any.  Taken out
+    of the environment, so that no later process of ours inherits it; the
+    watchdog is ours from now on (WATCHDOG_PID named the old main process)."""
+    value = os.environ.pop(ENVIRONMENT, None)
+    if not value:
+        return None
+    pid, fd = (int(part) for part in value.split(":"))
+    os.set_inheritable(fd, False)
+    if "WATCHDOG_PID" in os.environ:
+        os.environ["WATCHDOG_PID"] = str(os.getpid())
+    return Predecessor(pid, fd)
+
+
+class Successor:
+    """In the old main process: the new ublkd it started, and what it said."""
+
+    def __init__(self, worker: int, argv: list[str]):
+        read_end, write_end = os.pipe2(os.O_CLOEXEC)
+        os.set_inheritable(write_end, True)
+        environment = dict(os.environ, **{ENVIRONMENT: f"{worker}:{write_end}"})
+        try:
+            self.pid = os.posix_spawn(argv[0], argv, environment)
+        finally:
+            os.close(write_end)
+        os.set_blocking(read_end, False)
+        self.pipe = read_end
+        self.said = b""
+        self.ended = False  # end of file: it said all it will
+
+    def hear(self) -> None:
+        """Read what it wrote since; call when the pipe is readable."""
+        try:
+            while chunk := os.read(self.pipe, 16):
+                self.said += chunk
+            self.ended = True
+        except BlockingIOError:
+            pass
+
+    def wait_for(self, word: bytes) -> bool:
+        """Block until it says `word` (True) or closes the pipe without (False)."""
+        while word not in self.said and not self.ended:
+            select.select([self.pipe], [], [])
+            self.hear()
+        return word in self.said
+
+    def reap(self) -> int:
+        """Its exit code, once it has exited (after it closed the pipe)."""
+        os.close(self.pipe)
+        _, status = os.waitpid(self.pid, 0)
+        return os.waitstatus_to_exitcode(status)
+
+
+def successor_argv() -> list[str]:
+    """This command again, from the ublkd installed now: the script that was
+    started (/usr/bin/ublkd) reads the new version's modules; `python -m
+    ublkd` runs the same module from the same interpreter."""
+    program = sys.argv[0]
+    if os.path.basename(program) == "__main__.py" or not os.access(program, os.X_OK):
+        return [sys.executable, "-m", "ublkd", *sys.argv[1:]]
+    return [program, *sys.argv[1:]]
