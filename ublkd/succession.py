@@ -34,6 +34,7 @@ from dataclasses import dataclass
 EXIT_HANDED_OVER = 75  # the worker left the device to a successor
 ENVIRONMENT = "UBLKD_SUCCESSOR_OF"  # "PID:FD": the worker taken over from, the pipe
 READY = b"R"
+HAND_OVER_FAILED = "hand-over failed"  # how the old daemon's STATUS= begins then
 TOOK_OVER = b"T"
 
 

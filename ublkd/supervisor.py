@@ -35,8 +35,8 @@ import time
 from collections import deque
 from collections.abc import Callable
 
-from ublkd.succession import (EXIT_HANDED_OVER, READY, TOOK_OVER, Predecessor, Successor,
-                              successor_argv)
+from ublkd.succession import (EXIT_HANDED_OVER, HAND_OVER_FAILED, READY, TOOK_OVER,
+                              Predecessor, Successor, successor_argv)
 
 log = logging.getLogger(__name__)
 
@@ -169,6 +169,7 @@ class Supervisor:
         self.successor = Successor(self.worker, self.successor_argv())
         log.info("%s: hand-over asked: started ublkd pid %d to take the device over",
                  self.name, self.successor.pid)
+        self.status(f"handing over to ublkd pid {self.successor.pid}")
 
     def listen_to_successor(self) -> None:
         """Ready: the worker may let go (SIGUSR2: it hands over as always).
@@ -184,7 +185,7 @@ class Supervisor:
             log.error("%s: the new ublkd (pid %d) exited with %d before it was ready to take "
                       "the device over (its messages are above); this daemon keeps serving "
                       "it", self.name, successor.pid, code)
-            self.status(f"hand-over failed: the new ublkd exited with {code}; still serving")
+            self.status(f"{HAND_OVER_FAILED}: the new ublkd exited with {code}; still serving")
 
     def drop_successor(self) -> None:
         """The worker ended before the successor was ready (a stop, a crash):

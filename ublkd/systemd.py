@@ -16,7 +16,9 @@ from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING
 
-from ublkd.errors import DeviceNotFoundError, KernelError, MissingDependencyError
+from ublkd.errors import (DeviceNotFoundError, HandOverRefusedError, KernelError,
+                          MissingDependencyError)
+from ublkd.succession import HAND_OVER_FAILED
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -213,14 +215,23 @@ def unit_state(unit: str) -> tuple[str, str, int]:
                 int(handle.Service.MainPID))
 
 
+def unit_status_text(unit: str) -> str:
+    """The STATUS= the service last sent (StatusText)."""
+    with systemd1(unit).Unit(unit.encode(), _autoload=True) as handle:
+        return handle.Service.StatusText.decode()
+
+
 def hand_over(unit: str, timeout: float = 120.0,
               pause: Callable[[float], None] = time.sleep) -> None:
     """SIGUSR2 to the unit's daemon, then wait for its successor to be READY.
 
-    The daemon finishes its backend I/O and exits (EXIT_HANDED_OVER); the
-    unit restarts it from the binary installed now, which recovers the
-    device.  `pause` waits between polls: the D-Bus service passes one that
-    keeps its main loop serving other clients meanwhile.
+    The daemon starts the successor from the binary installed now and lets
+    go of the device once it is ready; the successor recovers the device and
+    becomes the unit's main process (ublkd/succession.py).  A successor that
+    failed before it was ready leaves the device with the daemon, whose
+    STATUS then says so: HandOverRefusedError.  `pause` waits between polls:
+    the D-Bus service passes one that keeps its main loop serving other
+    clients meanwhile.
     """
     active, _, old = unit_state(unit)
     if active != "active" or old <= 0:
@@ -232,6 +243,11 @@ def hand_over(unit: str, timeout: float = 120.0,
         active, sub, pid = unit_state(unit)
         if active == "active" and sub == "running" and pid not in (0, old):
             return
+        status = unit_status_text(unit) if pid == old else ""
+        if status.startswith(HAND_OVER_FAILED):
+            raise HandOverRefusedError(
+                f"{unit}: {status} (pid {old}); the new version's error is in "
+                f"`journalctl -u {unit}`")
         pause(0.1)
     raise KernelError(
         f"{unit}: no new daemon READY {timeout:.0f} s after the hand-over "

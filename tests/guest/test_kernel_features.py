@@ -1,9 +1,9 @@
 """What the ublk driver of a newer kernel adds, and what ublkd says on an
-older one: every test runs on both test bed kernels (6.12 and 6.18).
-
-A feature test skips only on the kernel without the feature, naming it;
-where ublkd must refuse a feature the kernel lacks, the older kernel tests
-the refusal instead.  Which kernel has what: docs/kernel-notes.md.
+older one.  The module runs on both test bed kernels (6.12 and 6.18); a
+test of a feature only 6.18 has runs there only (marked so), and skips,
+naming the feature, where the kernel lacks it (UBLKD_TESTBED_KERNEL=6.12);
+where ublkd must refuse a feature the kernel lacks, 6.12 tests the refusal.
+Which kernel has what: docs/kernel-notes.md.
 """
 
 from __future__ import annotations
@@ -51,6 +51,7 @@ def test_features_explains_each_flag_the_kernel_has(clean_guest):
     assert "USER_RECOVERY_REISSUE" in out
 
 
+@pytest.mark.kernels("6.18")
 def test_fail_io_fails_io_at_once_while_no_daemon_and_recovers(systemd_guest, journal):
     """recovery = "fail_io": with the daemon gone (systemd told not to restart
     it) a read fails with EIO at once instead of waiting; a new daemon
@@ -84,6 +85,7 @@ def test_fail_io_fails_io_at_once_while_no_daemon_and_recovers(systemd_guest, jo
         guest.run(f"rm -f {NO_RESTART} && systemctl daemon-reload")
 
 
+@pytest.mark.kernels("6.18")
 def test_fail_io_device_recovers_after_kill_9_under_systemd(systemd_guest):
     guest = systemd_guest
     needs(guest, "USER_RECOVERY_FAIL_IO")
@@ -96,6 +98,7 @@ def test_fail_io_device_recovers_after_kill_9_under_systemd(systemd_guest):
     assert show(guest, "ublkd@vol0", "NRestarts")["NRestarts"] == "1"
 
 
+@pytest.mark.kernels("6.12")
 def test_fail_io_on_a_kernel_without_it_is_a_configuration_error(systemd_guest):
     """Not a silent fallback to another mode: the unit fails once with the
     configuration error (exit 2, no restart loop) and no device is left."""
@@ -152,6 +155,7 @@ def test_upgrade_under_fio_quiesces_first_where_the_kernel_can(systemd_guest, jo
            f"longest write {job['write']['clat_ns']['max'] / 1e6:.0f} ms")
 
 
+@pytest.mark.kernels("6.18")
 @pytest.mark.parametrize("queues", [1, 2])
 def test_zero_copy_file_device_verifies_and_recovers(systemd_guest, queues):
     """Where the kernel has UBLK_F_AUTO_BUF_REG a file device is made with it
@@ -178,8 +182,10 @@ def test_zero_copy_file_device_verifies_and_recovers(systemd_guest, queues):
     assert after["flags"] == status["flags"] and after["generation"] == 2
 
 
+@pytest.mark.kernels("6.18")
 def test_zero_copy_false_keeps_the_copying_path(systemd_guest):
     guest = systemd_guest
+    needs(guest, "AUTO_BUF_REG")
     status = start(guest, "vol0", FILE_CONFIG + "zero_copy = false\n")
     assert "AUTO_BUF_REG" not in status["flags"]
     result = guest.run(f"fio --name=copy --filename={status['device']} --rw=randrw --bs=64k "

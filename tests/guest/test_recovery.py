@@ -39,6 +39,7 @@ def test_reissue_survives_five_kills_under_fio_through_ext4(systemd_guest, journ
            f"{', '.join(f'{t:.2f}' for t in times)}")
 
 
+@pytest.mark.kernels("6.12", "6.18")
 def test_reissue_survives_whole_unit_kills_under_fio_through_ext4(systemd_guest, journal,
                                                                    report):
     """`systemctl kill -s KILL`: the main process and the worker die at once, as
@@ -255,6 +256,7 @@ def test_reboot_unmounts_first_and_leaves_no_debris(systemd_guest):
               f"/srv/images")
 
 
+@pytest.mark.kernels("6.12", "6.18")
 def test_abort_mode_fails_only_in_flight_writes_and_keeps_acknowledged_ones(systemd_guest,
                                                                             report):
     """recovery = "abort" on the raw device: requests the dead daemon had
@@ -281,6 +283,7 @@ def test_abort_mode_fails_only_in_flight_writes_and_keeps_acknowledged_ones(syst
            f"{result['errors']} failed with EIO, {len(result['bad'])} bad blocks")
 
 
+@pytest.mark.kernels("6.12", "6.18")
 def test_upgrade_hands_over_under_load_without_errors(systemd_guest, journal, report):
     """Three hand-overs in a row under fio: one in three once hung in the
     kernel (docs/kernel-notes.md), so one would prove little."""
@@ -310,6 +313,32 @@ def test_upgrade_hands_over_under_load_without_errors(systemd_guest, journal, re
     assert unit == {"ActiveState": "active", "Result": "success"}
     assert journal.of("ublkd@vol0").count("handed /dev/ublkb") == 3
     report(f"3 hand-overs under fio, serving pids {' -> '.join(map(str, pids))}, no I/O error")
+
+
+def test_upgrade_to_a_broken_version_keeps_the_running_daemon(systemd_guest):
+    """The successor starts first: when the new version cannot even start, the
+    running daemon was never told to let go and serves on; `ublkd upgrade`
+    says so (exit 9) instead of leaving the device to a broken restart."""
+    guest = systemd_guest
+    status = start(guest, "vol0", f'backend = "file"\npath = "{BACKING}"\nsize = "64MiB"\n')
+    dev = status["device"]
+    guest.run(f"echo kept | dd of={dev} bs=4096 conv=sync oflag=direct status=none")
+    script = f"{CHECKOUT}/.venv/bin/ublkd"  # what the unit runs (make install-units)
+    guest.run(f"cp -p {script} /run/ublkd.saved && "
+              f"printf '#!/bin/sh\\necho new version broken >&2\\nexit 1\\n' > {script}")
+    try:
+        result = guest.run(f"{CHECKOUT}/.venv/bin/python -m ublkd upgrade vol0", check=False,
+                           timeout=180)
+    finally:
+        guest.run(f"cp -p /run/ublkd.saved {script}")
+    assert result.rc == 9, result.describe()
+    assert "hand-over failed: the new ublkd exited with 1; still serving" in result.stderr
+    after = json.loads(ublkd(guest, "status", "vol0", "--json").stdout)
+    assert (after["pid"], after["state"], after["generation"]) == \
+        (status["pid"], "LIVE", status["generation"])
+    assert show(guest, "ublkd@vol0", "NRestarts")["NRestarts"] == "0"
+    assert guest.run(f"timeout 60 dd if={dev} bs=4096 count=1 iflag=direct status=none | "
+                     f"head -c 4").stdout == "kept"
 
 
 def test_slow_backend_keeps_the_daemon_and_its_device(systemd_guest, journal):

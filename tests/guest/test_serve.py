@@ -15,6 +15,7 @@ def file_config(path: str = BACKING, extra: str = "") -> str:
     return f'backend = "file"\npath = "{path}"\nsize = "256MiB"\n{extra}'
 
 
+@pytest.mark.kernels("6.12", "6.18")
 def test_ext4_data_survives_remount_and_restart(clean_guest):
     guest = clean_guest
     write_config(guest, "vol0", file_config())
