@@ -27,7 +27,7 @@ import pytest
 
 from tests.guest.serving import STATE_DIR, JournalSince, leftovers
 from tests.testbed import Guest, GuestConfig, KernelBuild, prepare
-from tests.testbed.provision import DEFAULT_KERNEL
+from tests.testbed.provision import DEFAULT_KERNEL, KERNEL_LINES
 
 CHECKOUT = Path(__file__).resolve().parents[2]
 LOG_ROOT = CHECKOUT / "build" / "testbed"
@@ -76,6 +76,22 @@ def pytest_generate_tests(metafunc):
     if "kernel" in metafunc.fixturenames:
         metafunc.parametrize("kernel_line", kernels_for(metafunc.definition),
                              indirect=True, scope="session")
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(items):
+    """Each kernel's guest tests in one stretch, 6.12 first: pytest's own
+    ordering by fixture parameters does not group a session parameter
+    across modules, and every switch of kernel is a guest boot.  A stable
+    sort, after pytest's: within a kernel the order stays pytest's."""
+    lines = list(KERNEL_LINES)
+
+    def kernel_rank(item) -> int:
+        params = getattr(item, "callspec", None)
+        line = params.params.get("kernel_line") if params else None
+        return 0 if line is None else 1 + lines.index(line)
+
+    items.sort(key=kernel_rank)
 
 
 @pytest.fixture(scope="session")

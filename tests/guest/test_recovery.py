@@ -39,7 +39,6 @@ def test_reissue_survives_five_kills_under_fio_through_ext4(systemd_guest, journ
            f"{', '.join(f'{t:.2f}' for t in times)}")
 
 
-@pytest.mark.kernels("6.12", "6.18")
 def test_reissue_survives_whole_unit_kills_under_fio_through_ext4(systemd_guest, journal,
                                                                    report):
     """`systemctl kill -s KILL`: the main process and the worker die at once, as
@@ -283,7 +282,6 @@ def test_abort_mode_fails_only_in_flight_writes_and_keeps_acknowledged_ones(syst
            f"{result['errors']} failed with EIO, {len(result['bad'])} bad blocks")
 
 
-@pytest.mark.kernels("6.12", "6.18")
 def test_upgrade_hands_over_under_load_without_errors(systemd_guest, journal, report):
     """Three hand-overs in a row under fio: one in three once hung in the
     kernel (docs/kernel-notes.md), so one would prove little."""
