@@ -136,7 +136,7 @@ def test_closed_ring_refuses_work():
     with pytest.raises(ValueError, match="closed"):
         r.submit()
     with pytest.raises(ValueError, match="closed"):
-        r.prep_ublk_io(0, 0, 0, 0, 0, 0, 0)  # C sees NULL, not freed memory
+        r.prep_uring_cmd(0, 0, bytes(16), 0)  # C sees NULL, not freed memory
 
 
 def test_uring_cmd_payload_must_fit_the_sqe(ring, temp_fd):
@@ -153,7 +153,7 @@ def test_uring_cmd_sync_returns_the_kernels_answer(temp_fd):
     with Ring(4, sqe128=True) as big:
         assert big.uring_cmd_sync(temp_fd, 0x1234, bytes(80)) == -errno.EOPNOTSUPP
     with Ring(4) as small:
-        small.prep_ublk_io(temp_fd, 0xC0107520, 0, 1, 0, 0, 77)
+        small.prep_uring_cmd(temp_fd, 0xC0107520, bytes(16), 77)
         assert complete_all(small, 1) == {77: -errno.EOPNOTSUPP}
 
 

@@ -59,9 +59,6 @@ int ublkd_prep_fallocate(struct io_uring *ring, int fd, int mode,
 int ublkd_prep_uring_cmd(struct io_uring *ring, int fd, uint32_t cmd_op,
                          const char *payload, unsigned size,
                          uint64_t user_data);
-int ublkd_prep_ublk_io(struct io_uring *ring, int fd, uint32_t cmd_op,
-                       uint16_t q_id, uint16_t tag, int32_t result,
-                       uint64_t addr, uint64_t user_data);
 
 int io_uring_submit(struct io_uring *ring);
 int io_uring_submit_and_wait(struct io_uring *ring, unsigned wait_nr);

@@ -165,24 +165,6 @@ int ublkd_prep_uring_cmd(struct io_uring *ring, int fd, uint32_t cmd_op,
 	return 0;
 }
 
-int ublkd_prep_ublk_io(struct io_uring *ring, int fd, uint32_t cmd_op,
-		       uint16_t q_id, uint16_t tag, int32_t result,
-		       uint64_t addr, uint64_t user_data)
-{
-	int err = 0;
-	struct io_uring_sqe *sqe = ublkd_sqe(ring, &err);
-	struct ublkd_io_cmd *cmd;
-
-	if (!sqe)
-		return err;
-	cmd = (struct ublkd_io_cmd *)ublkd_prep_cmd(ring, sqe, fd, cmd_op, user_data);
-	cmd->q_id = q_id;
-	cmd->tag = tag;
-	cmd->result = result;
-	cmd->addr = addr;
-	return 0;
-}
-
 /* Submit, then wait up to timeout_ns for wait_nr completions (-ETIME if
  * they did not come); a negative timeout waits without limit. */
 int ublkd_submit_and_wait_timeout(struct io_uring *ring, unsigned wait_nr,

@@ -124,9 +124,6 @@ int ublkd_prep_fallocate(struct io_uring *ring, int fd, int mode,
 int ublkd_prep_uring_cmd(struct io_uring *ring, int fd, uint32_t cmd_op,
                          const char *payload, unsigned size,
                          uint64_t user_data);
-int ublkd_prep_ublk_io(struct io_uring *ring, int fd, uint32_t cmd_op,
-                       uint16_t q_id, uint16_t tag, int32_t result,
-                       uint64_t addr, uint64_t user_data);
 int ublkd_submit_and_wait_timeout(struct io_uring *ring, unsigned wait_nr,
                                   int64_t timeout_ns);
 unsigned ublkd_reap(struct io_uring *ring, uint64_t *user_data, int32_t *res,

@@ -205,16 +205,6 @@ class Ring:
         if ret:
             self._fail(ret, "prep_uring_cmd")
 
-    def prep_ublk_io(self, fd: int, cmd_op: int, q_id: int, tag: int, result: int,
-                     addr: int, user_data: int) -> None:
-        """A ublk IO command (FETCH/COMMIT_AND_FETCH/NEED_GET_DATA) on /dev/ublkcN.
-
-        The per-request hot path: C fills the 16-byte ublksrv_io_cmd directly.
-        """
-        ret = lib.ublkd_prep_ublk_io(self._ring, fd, cmd_op, q_id, tag, result, addr, user_data)
-        if ret:
-            self._fail(ret, "prep_ublk_io")
-
     # --- submitting and completing -----------------------------------------
 
     def submit(self) -> int:
@@ -395,7 +385,7 @@ class QueueLoop:
         fixed-buffer slot with auto_buf_reg)."""
         ret = lib.ublkd_queue_fetch(self._q, fetch_op, tag)
         if ret:
-            _raise(ret, "prep_ublk_io (fetch)")
+            _raise(ret, "ublkd_queue_fetch")
 
     def buffer(self, tag: int) -> int:
         """Address of the buffer of the request tag holds (0 if it has none)."""
@@ -405,7 +395,7 @@ class QueueLoop:
         """Queue COMMIT_AND_FETCH_REQ for tag with result (bytes done or -errno)."""
         ret = lib.ublkd_queue_commit(self._q, tag, result)
         if ret:
-            _raise(ret, "prep_ublk_io (commit)")
+            _raise(ret, "ublkd_queue_commit")
 
     def oldest_started(self) -> float | None:
         """time.monotonic() at which the oldest request now in the server came in.
