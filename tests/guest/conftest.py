@@ -62,12 +62,18 @@ def pytest_configure(config):
 
 
 def kernels_for(definition) -> list[str]:
-    """The kernel lines a guest test runs on."""
+    """The kernel lines a guest test runs on, as the one string object per
+    line: pytest keeps a session fixture for the next test only if its
+    parameter *is* the same object (an equal string from another module's
+    marker made it boot a new guest, 7 times in one run)."""
     forced = os.environ.get("UBLKD_TESTBED_KERNEL")
-    if forced:
-        return [forced]
     marker = definition.get_closest_marker("kernels")
-    return list(marker.args) if marker else [DEFAULT_KERNEL]
+    names = [forced] if forced else list(marker.args) if marker else [DEFAULT_KERNEL]
+    for name in names:
+        if name not in KERNEL_LINES:
+            raise pytest.UsageError(f"unknown test bed kernel {name!r}: choose one of "
+                                    f"{', '.join(KERNEL_LINES)} (UBLKD_TESTBED_KERNEL)")
+    return [KERNEL_LINES[name].name for name in names]
 
 
 def pytest_generate_tests(metafunc):
