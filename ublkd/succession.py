@@ -21,20 +21,28 @@ End of file without R: the successor could not take over (a broken new
 version, a refused device); the old worker keeps serving, and the journal
 says why.  End of file after R without T: the successor died while the
 device had no server; the old main process exits with EXIT_HANDED_OVER
-and systemd's restart recovers the device, as after a crash.
+and systemd's restart recovers the device, as after a crash.  So does a
+successor that has not said T within TAKE_OVER_TIMEOUT: it is killed.
 """
 
 from __future__ import annotations
 
 import os
 import select
+import signal
 import sys
+import time
 from dataclasses import dataclass
 
 EXIT_HANDED_OVER = 75  # the worker left the device to a successor
 ENVIRONMENT = "UBLKD_SUCCESSOR_OF"  # "PID:FD": the worker taken over from, the pipe
 READY = b"R"
 HAND_OVER_FAILED = "hand-over failed"  # how the old daemon's STATUS= begins then
+# Seconds from R to T at most: the successor's own waits (the backing file's
+# lock, START_USER_RECOVERY) give up after 30 s each; `ublkd upgrade` waits
+# 120 s in all.
+TAKE_OVER_TIMEOUT = 120.0
+REAP_GRACE = 10.0  # seconds a successor that closed its pipe has to exit
 TOOK_OVER = b"T"
 
 
@@ -95,16 +103,29 @@ class Successor:
         except BlockingIOError:
             pass
 
-    def wait_for(self, word: bytes) -> bool:
-        """Block until it says `word` (True) or closes the pipe without (False)."""
+    def wait_for(self, word: bytes, timeout: float) -> bool:
+        """Block until it says `word` (True), or closes the pipe without it or
+        `timeout` seconds pass (False)."""
+        deadline = time.monotonic() + timeout
         while word not in self.said and not self.ended:
-            select.select([self.pipe], [], [])
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            select.select([self.pipe], [], [], left)
             self.hear()
         return word in self.said
 
-    def reap(self) -> int:
-        """Its exit code, once it has exited (after it closed the pipe)."""
+    def reap(self, grace: float = REAP_GRACE) -> int:
+        """Its exit code once it has exited; SIGKILL if it has not within
+        `grace` seconds (a successor that failed must not linger, and one
+        that hangs must not hang the old main process)."""
         os.close(self.pipe)
+        pidfd = os.pidfd_open(self.pid)
+        try:
+            if not select.select([pidfd], [], [], grace)[0]:
+                os.kill(self.pid, signal.SIGKILL)
+        finally:
+            os.close(pidfd)
         _, status = os.waitpid(self.pid, 0)
         return os.waitstatus_to_exitcode(status)
 

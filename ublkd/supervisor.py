@@ -35,6 +35,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 
+from ublkd import succession
 from ublkd.succession import (EXIT_HANDED_OVER, HAND_OVER_FAILED, READY, TOOK_OVER,
                               Predecessor, Successor, successor_argv)
 
@@ -190,21 +191,22 @@ class Supervisor:
     def drop_successor(self) -> None:
         """The worker ended before the successor was ready (a stop, a crash):
         the successor, which holds nothing yet, must not take the device."""
-        os.kill(self.successor.pid, signal.SIGKILL)
-        self.successor.reap()
+        self.successor.reap(grace=0)
         self.successor = None
 
     def finish_hand_over(self) -> int:
         """The worker let go of the device: once the successor serves it, this
         process (no longer the unit's main process) exits; if the successor
-        died first, systemd's restart recovers the device (EXIT_HANDED_OVER)."""
+        died first, or hangs, systemd's restart recovers the device
+        (EXIT_HANDED_OVER)."""
         successor = self.successor
-        if successor.wait_for(TOOK_OVER):
+        if successor.wait_for(TOOK_OVER, succession.TAKE_OVER_TIMEOUT):
             log.info("%s: ublkd pid %d serves the device now", self.name, successor.pid)
             return 0
-        code = successor.reap()
-        log.error("%s: the new ublkd (pid %d) exited with %d before it served the device; "
-                  "systemd's restart recovers it", self.name, successor.pid, code)
+        code = successor.reap(grace=succession.REAP_GRACE if successor.ended else 0)
+        log.error("%s: the new ublkd (pid %d) ended with %d without serving the device "
+                  "within %.0f s; systemd's restart recovers it", self.name, successor.pid,
+                  code, succession.TAKE_OVER_TIMEOUT)
         return EXIT_HANDED_OVER
 
     def may_respawn(self, signum: int) -> bool:

@@ -13,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-from ublkd import supervisor
+from ublkd import succession, supervisor
 from ublkd.supervisor import Supervisor
 
 
@@ -125,6 +125,8 @@ while os.path.exists(f"/proc/{worker}") and \\
     time.sleep(0.01)
 if sys.argv[1] == "die":
     sys.exit(4)
+if sys.argv[1] == "hang":
+    time.sleep(30)
 os.write(fd, b"T")
 time.sleep(30)
 """
@@ -156,12 +158,14 @@ def hand_over(tmp_path: Path, mode: str) -> tuple[int, list[str], str, list[str]
     argv = [sys.executable, str(script), mode, str(seen)]
     pid = os.fork()
     if pid == 0:
+        succession.TAKE_OVER_TIMEOUT = 2.0
         os._exit(Supervisor("vol0", work, status, successor_argv=lambda: argv).run())
     wait_for(log)
     os.kill(pid, signal.SIGUSR2)
     if mode == "refuse":
         deadline = time.monotonic() + 10
-        while not status_file.exists() and time.monotonic() < deadline:
+        while time.monotonic() < deadline and not (
+                status_file.exists() and "hand-over failed" in status_file.read_text()):
             time.sleep(0.01)
         os.kill(pid, signal.SIGTERM)
     _, wait_status = os.waitpid(pid, 0)
@@ -188,6 +192,13 @@ def test_a_successor_that_cannot_take_over_leaves_the_worker_serving(tmp_path):
 def test_a_successor_that_dies_after_the_worker_let_go_leaves_it_to_systemd(tmp_path):
     code, worker_log, _, _ = hand_over(tmp_path, "die")
     assert code == 75 and worker_log[:2] == ["serving", "signal 75"]
+
+
+def test_a_successor_that_hangs_is_killed_and_left_to_systemd(tmp_path):
+    started = time.monotonic()
+    code, worker_log, _, _ = hand_over(tmp_path, "hang")
+    assert code == 75 and worker_log[:2] == ["serving", "signal 75"]
+    assert time.monotonic() - started < 20  # TAKE_OVER_TIMEOUT (2 s here), not the 30 s hang
 
 
 def test_the_worker_dies_with_its_parent(tmp_path):

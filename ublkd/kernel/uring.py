@@ -330,7 +330,6 @@ class QueueLoop:
         q.pool = int(get_data_op is not None)
         q.get_data_op = get_data_op or 0
         q.auto_buf_reg = int(auto_buf_reg)
-        self.pooled = get_data_op is not None
         self._slots = [ffi.new("int32_t[]", depth) for _ in range(3)]
         q.slot, q.free_slots, q.released = self._slots
         lib.ublkd_queue_init_slots(q)
