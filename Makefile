@@ -4,14 +4,8 @@ PYTHON := .venv/bin/python
 
 .PHONY: check demo check-fresh bootstrap unit-test guest-shell bench install-units clean
 
-# Two pytest-xdist workers, each with its own guest: a guest test leaves a
-# core idle for about 40% of its time (systemd's restart delays, sleeps,
-# timeouts), and the run fits CI's budget only with both busy
-# (docs/testbed.md).  TEST_WORKERS=0 runs everything in one process.
-TEST_WORKERS ?= 2
-
 check: bootstrap
-	$(PYTHON) -m pytest -n $(TEST_WORKERS) --dist loadgroup
+	$(PYTHON) -m pytest
 
 # The demo: a device outlives kills of its daemon (tests/testbed/demo.py).
 demo: bootstrap

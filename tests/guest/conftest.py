@@ -84,42 +84,20 @@ def pytest_generate_tests(metafunc):
                              indirect=True, scope="session")
 
 
-def kernel_of(item) -> str | None:
-    """The test bed kernel line a collected test runs on (None: no guest)."""
-    params = getattr(item, "callspec", None)
-    return params.params.get("kernel_line") if params else None
-
-
-def pytest_itemcollected(item):
-    """`make check` runs two pytest-xdist workers (--dist loadgroup): the
-    tests of a second kernel go to one of them, to share one guest boot.
-    (test_package.py and tests/install mark their own groups.)"""
-    line = kernel_of(item)
-    if line not in (None, DEFAULT_KERNEL) and item.config.pluginmanager.hasplugin("xdist"):
-        item.add_marker(pytest.mark.xdist_group(f"kernel-{line}"))
-
-
 @pytest.hookimpl(trylast=True)
-def pytest_collection_modifyitems(config, items):
+def pytest_collection_modifyitems(items):
     """Each kernel's guest tests in one stretch, 6.12 first: pytest's own
     ordering by fixture parameters does not group a session parameter
     across modules, and every switch of kernel is a guest boot.  A stable
-    sort, after pytest's: within a kernel the order stays pytest's.
-
-    Under xdist the grouped tests come first instead: the controller hands
-    out work in this order, and the long groups started last would leave
-    one worker idle at the end."""
+    sort, after pytest's: within a kernel the order stays pytest's."""
     lines = list(KERNEL_LINES)
-    workers = hasattr(config, "workerinput")
 
-    def rank(item) -> tuple[int, int]:
-        line = kernel_of(item)
-        kernel = 0 if line is None else 1 + lines.index(line)
-        if workers and item.get_closest_marker("xdist_group"):
-            return (0, -kernel)  # the other kernel's group, the longest, first
-        return (1, kernel)
+    def kernel_rank(item) -> int:
+        params = getattr(item, "callspec", None)
+        line = params.params.get("kernel_line") if params else None
+        return 0 if line is None else 1 + lines.index(line)
 
-    items.sort(key=rank)
+    items.sort(key=kernel_rank)
 
 
 @pytest.fixture(scope="session")
@@ -226,20 +204,6 @@ def journal(systemd_guest) -> JournalSince:
 def report():
     """Call report(line) to show a measurement in the run's summary."""
     return REPORT.append
-
-
-@pytest.hookimpl(trylast=True)
-def pytest_sessionfinish(session):
-    """An xdist worker's measurements go to the summary of the controller
-    (xdist sends `workeroutput` after every sessionfinish hook, when the
-    session's guests are down and have reported)."""
-    if hasattr(session.config, "workeroutput"):
-        session.config.workeroutput["ublkd_report"] = REPORT
-
-
-@pytest.hookimpl(optionalhook=True)
-def pytest_testnodedown(node, error):
-    REPORT.extend(getattr(node, "workeroutput", {}).get("ublkd_report", []))
 
 
 def pytest_terminal_summary(terminalreporter):

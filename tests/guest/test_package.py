@@ -43,9 +43,6 @@ MNT = "/mnt/vol0"
 # instance string, which postinst must not unescape into "vol/0"), and one
 # created with recovery = "none", which must stay with its daemon.
 HANDED_OVER, STAYS = "vol-0", "nr"
-# One `make check` worker runs them all, in this order: one guest, one
-# build of the .debs, and dpkg runs only where a test needs another version.
-pytestmark = pytest.mark.xdist_group("package")
 
 
 def code_version() -> str:

@@ -29,13 +29,9 @@ CONFIG = 'backend = "file"\npath = "{path}"\nsize = "16MiB"\n'
 NO_DRIVER = "run `modprobe ublk_drv`"
 COMMANDS = ("serve", "list", "status", "delete", "upgrade", "recover", "give-up", "features")
 
-pytestmark = [
-    pytest.mark.skipif(
-        Path("/dev/ublk-control").exists(),
-        reason="this host has a ublk driver: the commands would act on real devices"),
-    # One `make check` worker runs them all: one venv, one pip install.
-    pytest.mark.xdist_group("pip-install"),
-]
+pytestmark = pytest.mark.skipif(
+    Path("/dev/ublk-control").exists(),
+    reason="this host has a ublk driver: the commands would act on real devices")
 
 
 @pytest.fixture(scope="session")

@@ -11,7 +11,6 @@ inputs, lands in a new cache entry by itself.
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import os
 import re
@@ -345,21 +344,10 @@ def build_initramfs(version: str, modules: Path, target: Path) -> None:
 
 def prepare(install: bool = True, line: str | None = None) -> KernelBuild:
     """Make sure the host can boot the guest on kernel `line` (default: 6.12,
-    or UBLKD_TESTBED_KERNEL); cheap when the cache is warm.
-
-    One preparation at a time on a host: `make check` runs two pytest
-    workers, and both may want the same kernel unpacked or apt at once.
-    """
-    cache = cache_dir()
-    cache.mkdir(parents=True, exist_ok=True)
-    with open(cache / "prepare.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        return prepare_locked(install, line, cache)
-
-
-def prepare_locked(install: bool, line: str | None, cache: Path) -> KernelBuild:
+    or UBLKD_TESTBED_KERNEL); cheap when the cache is warm."""
     if install:
         install_host_packages()
+    cache = cache_dir()
     kernel = kernel_line(line)
     package = os.environ.get("UBLKD_TESTBED_KERNEL_PACKAGE", "")
     if not kernel.package_re.match(package):
