@@ -222,30 +222,51 @@ def wait_in_guest(guest: Guest, condition: str, timeout: float,
 
 
 class FioThroughExt4:
-    """An application on the device: ext4 made and mounted on `dev`, two fio
-    jobs writing and verifying files through it, in the background.  What a
-    test does meanwhile (kills, restarts, edits) must go unnoticed:
-    `finish()` asserts fio's verify, the mount and the device number, then
-    unmounts and runs e2fsck."""
+    """An application on the device: ext4 made and mounted on `dev`, and fio
+    (two jobs) writing and verifying files through it, round after round in
+    the background until `finish()`.  What a test does meanwhile (kills,
+    restarts, edits) must go unnoticed: `finish()` asserts every round's
+    verify, the mount and the device number, then unmounts and runs e2fsck.
+
+    Rounds, not one run sized to outlast the test's faults: fio is at work
+    during every fault however fast the machine (a run that ended before
+    the first kill would test nothing), and after the last fault the test
+    waits for the round in flight only.  Each round has its own random seed,
+    so its blocks, order and data differ from the round before: a write lost
+    in a recovery cannot hide behind the same bytes written earlier.
+    """
+
+    ROUND_SIZE = "16M"  # per job and round: seconds of I/O in the guest
 
     def __init__(self, guest: Guest, dev: str, mount_point: str = "/mnt/vol0"):
         self.guest = guest
         self.dev = dev
         self.mount_point = mount_point
         self.devnum = devnum(guest, dev)
-        guest.run(f"mkfs.ext4 -q {dev} && mkdir -p {mount_point} && mount {dev} {mount_point}")
+        self.stop_file = f"/tmp/fsverify-stop-{Path(mount_point).name}"
+        self.output = f"/tmp/fsverify-{Path(mount_point).name}"
+        guest.run(f"rm -f {self.stop_file} {self.output}-*.json; mkfs.ext4 -q {dev} && "
+                  f"mkdir -p {mount_point} && mount {dev} {mount_point}")
+        job = (f"fio --name=fsverify --directory={mount_point} --rw=randwrite --bs=4k "
+               f"--size={self.ROUND_SIZE} --numjobs=2 --ioengine=libaio --iodepth=8 --direct=1 "
+               f"--fsync=32 --verify=crc32c --verify_fatal=1 --randseed=$round "
+               f"--output-format=json --output={self.output}-$round.json")
         self.thread, self.box = run_in_background(
             guest,
-            f"fio --name=fsverify --directory={mount_point} --rw=randwrite --bs=4k --size=48M "
-            f"--numjobs=2 --ioengine=libaio --iodepth=8 --direct=1 --fsync=32 "
-            f"--verify=crc32c --verify_fatal=1 --output-format=json")
+            f"round=0; while [ ! -e {self.stop_file} ]; do round=$((round + 1)); "
+            f"{job} || {{ cat {self.output}-$round.json; exit 1; }}; done; echo rounds=$round")
 
     def finish(self) -> None:
+        self.guest.run(f"touch {self.stop_file}")
         self.thread.join(1800)
-        assert self.box, "fio did not finish within 30 minutes"
+        assert self.box, "fio did not finish its round within 30 minutes"
         result = self.box[0]
         assert result.rc == 0, result.describe()
-        assert [job["error"] for job in fio_jobs(result)] == [0, 0]
+        rounds = int(result.stdout.rsplit("rounds=", 1)[1])
+        for round_ in range(1, rounds + 1):
+            text = self.guest.read_file(f"{self.output}-{round_}.json")
+            jobs = json.loads(text[text.index("{"):])["jobs"]  # after any warnings
+            assert [job["error"] for job in jobs] == [0, 0], f"fio round {round_}"
         assert devnum(self.guest, self.dev) == self.devnum
         assert f"{self.dev} {self.mount_point} ext4" in self.guest.read_file("/proc/mounts")
         self.guest.run(f"umount {self.mount_point} && e2fsck -fn {self.dev}")
