@@ -264,8 +264,7 @@ class FioThroughExt4:
         assert result.rc == 0, result.describe()
         rounds = int(result.stdout.rsplit("rounds=", 1)[1])
         for round_ in range(1, rounds + 1):
-            text = self.guest.read_file(f"{self.output}-{round_}.json")
-            jobs = json.loads(text[text.index("{"):])["jobs"]  # after any warnings
+            jobs = fio_jobs(self.guest.run(["cat", f"{self.output}-{round_}.json"]))
             assert [job["error"] for job in jobs] == [0, 0], f"fio round {round_}"
         assert devnum(self.guest, self.dev) == self.devnum
         assert f"{self.dev} {self.mount_point} ext4" in self.guest.read_file("/proc/mounts")
