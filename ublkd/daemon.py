@@ -420,13 +420,16 @@ class Device:
             undo.callback(backend.close)
             self.check_backend_covers(backend, previous)
             self.start_user_recovery()
-            self.save_state_if_possible(generation=next_generation(previous),
-                                        created=previous.created)
             char_fd = self.open_char_device()
             undo.callback(os.close, char_fd)
             undo.callback(self.join_queues)
             self.start_queues(char_fd, backend)
             self.control.end_user_recovery(info.dev_id, os.getpid())
+            # After END, not before: the device's I/O waits for END, not for
+            # the state file (a crash before it is written only leaves the
+            # previous server's pid and generation in it).
+            self.save_state_if_possible(generation=next_generation(previous),
+                                        created=previous.created)
             # From here on a stop is a normal stop: the device is ours again.
             undo.pop_all()
             undo.callback(backend.close)

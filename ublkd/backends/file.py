@@ -54,7 +54,12 @@ RAMFS_MAGIC = 0x858458F6
 MEMORY_FILESYSTEMS = (TMPFS_MAGIC, RAMFS_MAGIC)
 PROBE_BYTES = 64 * 1024  # size of the probe's temporary file: a few blocks of any file system
 ZEROS_CHUNK = 1024 * 1024  # write_zeros writes this much per call
-LOCK_POLL = 0.02  # seconds between tries of a lock the dead server still holds
+# Seconds between tries of a lock the old server still holds: often at first
+# (in a hand-over the old worker lets go within a few hundred ms, and every
+# ms of the wait is I/O paused), then gently.
+LOCK_POLL_FAST = 0.002
+LOCK_POLL_FAST_SECONDS = 2.0
+LOCK_POLL = 0.02
 
 
 @dataclass(frozen=True)
@@ -79,9 +84,12 @@ class FileBackend(Backend):
         refuse_unusable_kind(config)
         self.fd, self.direct = open_backing(self.path, config.logical_block_size)
         try:
-            lock_exclusively(self.fd, config, lock_wait)
+            # Size and probe first: neither needs the lock, and in a hand-over
+            # they run while the old worker is still finishing, not while
+            # the device's I/O waits for us.
             self.size = checked_size(self.fd, config)
             self.modes = probe_fallocate(self.fd, self.path)
+            lock_exclusively(self.fd, config, lock_wait)
         except BaseException:
             os.close(self.fd)
             raise
@@ -322,15 +330,16 @@ def lock_exclusively(fd: int, config: DeviceConfig, wait: float) -> None:
     goes only when the kernel tears its rings down (the backing file is a
     registered file of each), some time after the process is gone.
     """
-    deadline = time.monotonic() + wait
+    started = time.monotonic()
     while True:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             return
         except BlockingIOError:
-            if time.monotonic() >= deadline:
+            waited = time.monotonic() - started
+            if waited >= wait:
                 break
-        time.sleep(LOCK_POLL)
+        time.sleep(LOCK_POLL_FAST if waited < LOCK_POLL_FAST_SECONDS else LOCK_POLL)
     held = f"still locked after {wait:g} s" if wait else "locked"
     raise DeviceBusyError(
         f"{config.source}: backing file {config.path} is {held} by another process "
