@@ -164,8 +164,9 @@ def clean_guest(guest):
     yield guest
     guest.run("umount -q /mnt/vol0 2>/dev/null; umount -q /mnt/disk0 2>/dev/null; true")
     remaining = leftovers(guest)
-    guest.run(f"pkill -TERM -f '[u]blkd serve' ; sleep 1; rm -f /var/tmp/*.img /etc/ublkd/*.toml; "
-              f"rm -rf {STATE_DIR}; true")
+    guest.run(f"pkill -TERM -f '[u]blkd serve'; for i in $(seq 50); do "
+              f"pgrep -f '[u]blkd serve' >/dev/null || break; sleep 0.1; done; "
+              f"rm -f /var/tmp/*.img /etc/ublkd/*.toml; rm -rf {STATE_DIR}; true")
     assert remaining == "", f"left behind: {remaining}"
 
 

@@ -165,7 +165,8 @@ def test_zero_copy_file_device_verifies_and_recovers(systemd_guest, queues):
     daemon (the recovered daemon serves the same way)."""
     guest = systemd_guest
     zero_copy = "AUTO_BUF_REG" in kernel_features(guest)
-    status = start(guest, "vol0", FILE_CONFIG + f"queues = {queues}\n")
+    start(guest, "vol0", FILE_CONFIG + f"queues = {queues}\n")
+    status = json.loads(ublkd(guest, "status", "vol0", "--json").stdout)
     assert ("AUTO_BUF_REG" in status["flags"]) == zero_copy, status
     dev = status["device"]
     for round_ in ("before", "after"):
@@ -186,7 +187,8 @@ def test_zero_copy_file_device_verifies_and_recovers(systemd_guest, queues):
 def test_zero_copy_false_keeps_the_copying_path(systemd_guest):
     guest = systemd_guest
     needs(guest, "AUTO_BUF_REG")
-    status = start(guest, "vol0", FILE_CONFIG + "zero_copy = false\n")
+    start(guest, "vol0", FILE_CONFIG + "zero_copy = false\n")
+    status = json.loads(ublkd(guest, "status", "vol0", "--json").stdout)
     assert "AUTO_BUF_REG" not in status["flags"]
     result = guest.run(f"fio --name=copy --filename={status['device']} --rw=randrw --bs=64k "
                        f"--size=16M --ioengine=io_uring --iodepth=8 --direct=1 "

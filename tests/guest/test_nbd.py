@@ -11,8 +11,8 @@ import re
 
 import pytest
 
-from tests.guest.serving import (UBLKD, FioThroughExt4, kill_and_wait_live, show, start,
-                                 write_config)
+from tests.guest.serving import (UBLKD, FioThroughExt4, device_status, kill_and_wait_live, show,
+                                 start, write_config)
 
 RUN = "/run/ublkd-test-nbd"
 IMAGES = "/var/tmp/ublkd-test-nbd"
@@ -106,8 +106,9 @@ def test_an_export_serves_ext4_and_survives_kills_of_ublkd(systemd_guest, server
                                                           image_format):
     guest = systemd_guest
     server = servers(image_format)
-    status = start(guest, "vol0", f'backend = "nbd"\nuri = "{server.uri}"\nqueues = 2\n')
-    assert status["backend"] == "nbd" and status["size"] == "512 MiB"
+    start(guest, "vol0", f'backend = "nbd"\nuri = "{server.uri}"\nqueues = 2\n')
+    status = device_status(guest, "vol0")
+    assert status["backend"] == "nbd" and status["size"] == "512 MiB", status
     dev = status["device"]
     application = FioThroughExt4(guest, dev, MNT)
     # The whole unit (systemd restarts it) on both; `ublkd serve` alone on raw.

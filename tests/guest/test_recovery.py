@@ -57,7 +57,7 @@ def survives_kills_under_fio_through_ext4(guest, journal, kills: int, who: str) 
     application = FioThroughExt4(guest, dev, MNT)
     times = []
     for _ in range(kills):
-        guest.run("sleep 2")
+        guest.run("sleep 1")  # fio at work again, its requests in flight
         times.append(kill_and_wait_live(guest, "vol0", who=who))
     assert show(guest, "ublkd@vol0", "NRestarts")["NRestarts"] == str(kills)
     log = journal.of("ublkd@vol0")

@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from tests.guest.serving import STATE_DIR, ServedDevice, fio_jobs, ublkd, write_config
+from tests.guest.serving import (STATE_DIR, ServedDevice, device_status, fio_jobs, ublkd,
+                                 write_config)
 
 BACKING = "/var/tmp/vol0.img"
 
@@ -48,7 +49,7 @@ def test_fio_verify_is_clean_with_two_queues(clean_guest, block_size):
     guest = clean_guest
     write_config(guest, "vol0", file_config(extra="queues = 2\n"))
     device = ServedDevice(guest, "vol0").start()
-    assert device.status["queues"] == 2
+    assert device_status(guest, "vol0")["queues"] == 2
     fio = guest.run(
         f"fio --name=verify --filename={device.path} --rw=randwrite --bs={block_size} "
         f"--iodepth=32 --numjobs=2 --offset_increment=128M --size=32M --direct=1 "
