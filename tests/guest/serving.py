@@ -263,7 +263,7 @@ class FioThroughExt4:
     in a recovery cannot hide behind the same bytes written earlier.
     """
 
-    ROUND_SIZE = "16M"  # per job and round: seconds of I/O in the guest
+    ROUND_SIZE = "8M"  # per job and round: a few seconds of I/O in the guest
 
     def __init__(self, guest: Guest, dev: str, mount_point: str = "/mnt/vol0"):
         self.guest = guest

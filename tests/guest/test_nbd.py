@@ -114,7 +114,7 @@ def test_an_export_serves_ext4_and_survives_kills_of_ublkd(systemd_guest, server
     # The whole unit (systemd restarts it) on both; `ublkd serve` alone on raw.
     kills = ("main", "unit") if image_format == "raw" else ("unit",)
     for who in kills:
-        guest.run("sleep 2")
+        guest.run("sleep 1")  # fio at work again, its requests in flight
         kill_and_wait_live(guest, "vol0", who=who)
     application.finish()
     log = journal.of("ublkd@vol0")
