@@ -8,19 +8,34 @@ as PID 1 and the real ublk driver, and checks what a user would: the same
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 
 import pytest
 
-from tests.guest.serving import (CHECKOUT, STATE_DIR, FioThroughExt4, ServedDevice, devnum,
-                                 fio_jobs, kill_and_wait_live, kill_worker_and_time_first_read,
-                                 run_in_background, show, start, ublkd, wait_in_guest,
-                                 write_config)
+from tests.guest.serving import (CHECKOUT, STATE_DIR, FioThroughExt4, ServedDevice,
+                                 device_status, devnum, fio_jobs, kill_and_wait_live,
+                                 kill_worker_and_time_first_read, run_in_background, show, start,
+                                 ublkd, wait_in_guest, write_config)
 
 BACKING = "/var/tmp/vol0.img"
 MNT = "/mnt/vol0"
 WATCHDOG_DROP_IN = "/run/systemd/system/ublkd@vol0.service.d/watchdog.conf"
+
+
+@contextlib.contextmanager
+def watchdog_seconds(guest, seconds: int):
+    """ublkd@vol0 with WatchdogSec=`seconds` (a drop-in) instead of the unit's 20 s:
+    tests that outwait the watchdog wait less; the daemon derives its
+    limits from WATCHDOG_USEC, whatever it is."""
+    guest.run(f"mkdir -p {WATCHDOG_DROP_IN.rsplit('/', 1)[0]} && printf "
+              f"'[Service]\\nWatchdogSec={seconds}s\\n' > {WATCHDOG_DROP_IN} && "
+              f"systemctl daemon-reload")
+    try:
+        yield
+    finally:
+        guest.run(f"rm -f {WATCHDOG_DROP_IN}; systemctl daemon-reload")
 
 
 def test_units_verify_clean(units_installed):
@@ -146,12 +161,13 @@ def test_a_failed_queue_ends_the_worker_like_a_crash_under_fio_through_ext4(syst
 
 def test_stopped_daemon_is_killed_by_the_watchdog_and_recovers(systemd_guest, journal):
     guest = systemd_guest
-    status = start(guest, "vol0", f'backend = "file"\npath = "{BACKING}"\nsize = "64MiB"\n')
-    dev = status["device"]
-    seconds = kill_and_wait_live(guest, "vol0", "STOP", timeout=180, who="worker")
-    assert seconds >= 15  # WatchdogSec=20s: it was the watchdog, not a crash
-    assert "Watchdog timeout" in journal.of("ublkd@vol0")
-    guest.run(f"dd if=/dev/urandom of={dev} bs=4k count=16 oflag=direct status=none")
+    with watchdog_seconds(guest, 8):
+        status = start(guest, "vol0", f'backend = "file"\npath = "{BACKING}"\nsize = "64MiB"\n')
+        dev = status["device"]
+        seconds = kill_and_wait_live(guest, "vol0", "STOP", timeout=180, who="worker")
+        assert seconds >= 6  # WatchdogSec=8s: it was the watchdog, not a crash
+        assert "Watchdog timeout" in journal.of("ublkd@vol0")
+        guest.run(f"dd if=/dev/urandom of={dev} bs=4k count=16 oflag=direct status=none")
 
 
 def test_status_line_and_journal_name_the_device(systemd_guest, journal):
@@ -222,7 +238,8 @@ def test_stop_removes_device_and_state_and_start_works_again(systemd_guest):
     assert guest.run(f"test -e {STATE_DIR}/vol0.json", check=False).rc == 1
     assert show(guest, "ublkd@vol0", "ActiveState", "Result") == \
         {"ActiveState": "inactive", "Result": "success"}
-    assert start(guest, "vol0", config)["state"] == "LIVE"
+    start(guest, "vol0", config)
+    assert device_status(guest, "vol0")["state"] == "LIVE"
 
 
 def test_reboot_unmounts_first_and_leaves_no_debris(systemd_guest):
@@ -348,31 +365,29 @@ def test_slow_backend_keeps_the_daemon_and_its_device(systemd_guest, journal):
     would end in give-up.  The unit's WatchdogSec (20 s) is 8 s here, so the
     stall outlasts it sooner: the daemon derives its limits from it."""
     guest = systemd_guest
-    guest.run(f"mkdir -p {WATCHDOG_DROP_IN.rsplit('/', 1)[0]} && printf "
-              f"'[Service]\\nWatchdogSec=8s\\n' > {WATCHDOG_DROP_IN} && systemctl daemon-reload")
-    guest.run("truncate -s 256M /var/tmp/slow.img && losetup -f --show /var/tmp/slow.img "
-              "> /tmp/loopdev && dmsetup create ublkd-slow --table "
-              "\"0 524288 linear $(cat /tmp/loopdev) 0\"")
-    try:
-        status = start(guest, "vol0", 'backend = "file"\npath = "/dev/mapper/ublkd-slow"\n')
-        dev = status["device"]
-        main = show(guest, "ublkd@vol0", "MainPID")["MainPID"]
-        application = FioThroughExt4(guest, dev, MNT)
-        guest.run("sleep 5; dmsetup suspend ublkd-slow")
-        wait_in_guest(guest, "systemctl show -p StatusText --value ublkd@vol0 | "
-                             "grep -q 'backend I/O unanswered'", 120)
-        guest.run("sleep 12")  # longer than WatchdogSec=8s
-        unit = show(guest, "ublkd@vol0", "MainPID", "NRestarts", "ActiveState")
-        assert unit == {"MainPID": main, "NRestarts": "0", "ActiveState": "active"}
-        assert application.thread.is_alive()
-        guest.run("dmsetup resume ublkd-slow")
-        application.finish()
-        wait_in_guest(guest, "systemctl show -p StatusText --value ublkd@vol0 | "
-                             f"grep -qx '{dev} LIVE, file backend, recovered 0 times'", 60)
-        log = journal.of("ublkd@vol0")
-        assert "Watchdog timeout" not in log and "waiting for it" in log, log
-        assert "the backend answers again" in log, log
-    finally:
-        guest.run(f"dmsetup resume ublkd-slow; umount -q {MNT}; systemctl stop ublkd@vol0; "
-                  "dmsetup remove ublkd-slow; losetup -d $(cat /tmp/loopdev); "
-                  f"rm -f {WATCHDOG_DROP_IN}; systemctl daemon-reload; true")
+    with watchdog_seconds(guest, 8):
+        guest.run("truncate -s 256M /var/tmp/slow.img && losetup -f --show /var/tmp/slow.img "
+                  "> /tmp/loopdev && dmsetup create ublkd-slow --table "
+                  "\"0 524288 linear $(cat /tmp/loopdev) 0\"")
+        try:
+            status = start(guest, "vol0", 'backend = "file"\npath = "/dev/mapper/ublkd-slow"\n')
+            dev = status["device"]
+            main = show(guest, "ublkd@vol0", "MainPID")["MainPID"]
+            application = FioThroughExt4(guest, dev, MNT)
+            guest.run("sleep 2; dmsetup suspend ublkd-slow")
+            wait_in_guest(guest, "systemctl show -p StatusText --value ublkd@vol0 | "
+                                 "grep -q 'backend I/O unanswered'", 120)
+            guest.run("sleep 12")  # longer than WatchdogSec=8s
+            unit = show(guest, "ublkd@vol0", "MainPID", "NRestarts", "ActiveState")
+            assert unit == {"MainPID": main, "NRestarts": "0", "ActiveState": "active"}
+            assert application.thread.is_alive()
+            guest.run("dmsetup resume ublkd-slow")
+            application.finish()
+            wait_in_guest(guest, "systemctl show -p StatusText --value ublkd@vol0 | "
+                                 f"grep -qx '{dev} LIVE, file backend, recovered 0 times'", 60)
+            log = journal.of("ublkd@vol0")
+            assert "Watchdog timeout" not in log and "waiting for it" in log, log
+            assert "the backend answers again" in log, log
+        finally:
+            guest.run(f"dmsetup resume ublkd-slow; umount -q {MNT}; systemctl stop ublkd@vol0; "
+                      "dmsetup remove ublkd-slow; losetup -d $(cat /tmp/loopdev); true")
