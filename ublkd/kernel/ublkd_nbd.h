@@ -78,6 +78,7 @@ struct ublkd_nbd_api {
 extern struct ublkd_nbd_api ublkd_nbd;
 
 /* What a server's handshake says about an export. */
+/* cffi begin */
 struct ublkd_nbd_export {
 	int64_t size;
 	int64_t block_minimum;		/* 0: not advertised */
@@ -94,5 +95,6 @@ struct ublkd_nbd_export {
 int ublkd_nbd_load(char *error, unsigned error_size);
 int ublkd_nbd_probe(const char *uri, const char *name, struct ublkd_nbd_export *export,
 		    int *error_number, char *error, unsigned error_size);
+/* cffi end */
 
 #endif

@@ -1,6 +1,7 @@
 /* ublkd's C side of ublkd/kernel/uring.py: the io_uring helpers and the
- * per-queue serving loop (ublkd_uring.c).  The cffi declarations in
- * _uring_build.py (CDEF) mirror this header; the build checks they agree. */
+ * per-queue serving loop (ublkd_uring.c).  What Python calls is declared
+ * between the "cffi begin" and "cffi end" comments: _uring_build.py hands
+ * that part to cffi's cdef, so it is declared once, here. */
 #ifndef UBLKD_URING_H
 #define UBLKD_URING_H
 
@@ -12,6 +13,7 @@
 #include <string.h>
 #include <liburing.h>
 
+/* cffi begin */
 #define UBLKD_BACKEND_IO (1ULL << 32)
 #define UBLKD_TAG_MASK 0xffffULL
 #define UBLKD_KIND_PYTHON 0
@@ -137,14 +139,16 @@ int ublkd_queue_fetch(struct ublkd_queue *q, uint32_t fetch_op, uint16_t tag);
 uint64_t ublkd_queue_buffer(struct ublkd_queue *q, uint16_t tag);
 uint64_t ublkd_queue_oldest(struct ublkd_queue *q);
 uint64_t ublkd_now_ns(void);
-struct io_uring_sqe *ublkd_sqe(struct io_uring *ring, int *err);
-
 /* ublkd_nbd.c */
 int ublkd_nbd_attach(struct ublkd_queue *q, const char *uri, const char *name,
 		     int64_t reconnect_timeout_ns, int *error_number, char *error,
 		     unsigned error_size);
-int ublkd_nbd_tick(struct ublkd_queue *q, uint64_t now);
 void ublkd_nbd_detach(struct ublkd_queue *q);
+/* cffi end */
+
+/* C only */
+struct io_uring_sqe *ublkd_sqe(struct io_uring *ring, int *err);
+int ublkd_nbd_tick(struct ublkd_queue *q, uint64_t now);
 int ublkd_nbd_io(struct ublkd_queue *q, unsigned tag, const struct ublkd_io_desc *d, void *buf);
 int ublkd_nbd_polled(struct ublkd_queue *q, uint64_t user_data, int32_t res);
 
