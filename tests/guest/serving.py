@@ -45,11 +45,11 @@ def served_state(guest: Guest, name: str) -> dict | None:
     "device", "pid", "generation", "version"); None until then.
 
     Read with cat, not `ublkd status`: that is 1.5 s of Python under TCG,
-    and tests wait for a device some 200 times a run.  A daemon writes the
-    file before START_DEV (/dev/ublkbN appears) when it creates a device,
-    after END_USER_RECOVERY when it recovers one, so a file naming a live
-    pid and an existing block device means the device is served.  Tests
-    that check what `ublkd status` says call it themselves.
+    and tests waited for a device that way about 80 times a run.  A daemon
+    writes the file before START_DEV (/dev/ublkbN appears) when it creates
+    a device, after END_USER_RECOVERY when it recovers one, so a file
+    naming a live pid and an existing block device means the device is
+    served.  Tests that check what `ublkd status` says call it themselves.
     """
     path = f"{STATE_DIR}/{name}.json"
     found = guest.run(f"cat {path} 2>/dev/null", check=False)
