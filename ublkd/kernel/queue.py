@@ -62,7 +62,10 @@ class Queue:
         # new work (what is fetched then stays with the kernel, which re-issues
         # it to the next server), leave.
         self.handover = _HandoverEvent(self)
-        self.handed_over = threading.Event()  # nothing left in the server; ring kept open
+        # Nothing of the device's is left in this queue: handed over, or the
+        # thread has ended (QUIESCE_DEV may ABORT every tag before a hand-over
+        # is asked, and the loop then ends by itself).
+        self.handed_over = threading.Event()
         self.error: BaseException | None = None
         self.failed = threading.Event()  # the loop failed while serving; the ring stays open
         self.heartbeat = time.monotonic()  # the loop ran; for the watchdog
@@ -111,6 +114,7 @@ class Queue:
                 self.fetch_together.abort()  # the other queues must not wait for this one
         finally:
             self.fetching.set()  # never leave a waiter hanging
+            self.handed_over.set()
 
     def _serve(self) -> None:
         offset = uapi.descriptor_offset(self.q_id)
