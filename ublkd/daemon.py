@@ -183,16 +183,16 @@ class Device:
                         "with (its state file); fix the file, it applies at the next create",
                         self.name, existing.dev_id)
         if self.predecessor is not None:
-            self.ready_to_take_over(existing)
+            self.refuse_impossible_take_over(existing)
         if existing is None:
             self.create_and_serve(previous, may_create=not had_state)
         else:
             self.recover_and_serve(previous, existing)
         return EXIT_HANDED_OVER if self.handing_over else 0
 
-    def ready_to_take_over(self, existing: DeviceInfo | None) -> None:
-        """Tell the predecessor's main process that its worker may let go, once
-        the device is known to be one this process can take over."""
+    def refuse_impossible_take_over(self, existing: DeviceInfo | None) -> None:
+        """A successor checks that the device is one it can take over before
+        anything else (the old worker serves on when it cannot)."""
         if existing is None or existing.pid != self.predecessor.pid:
             served = f"served by pid {existing.pid}" if existing else "gone"
             raise DeviceNotFoundError(
@@ -204,7 +204,14 @@ class Device:
                                        f"{existing.dev_id} {loss.removeprefix('the kernel ')}")
         log.info("%s: taking /dev/ublkb%d over from pid %d", self.name, existing.dev_id,
                  existing.pid)
-        self.predecessor.say(READY)
+
+    def let_the_predecessor_go(self) -> None:
+        """Tell the predecessor's main process that its worker may let go: the
+        backend is open and checked and the queues are ready, so the I/O
+        pause of the hand-over is only its drain and exit and our
+        START_USER_RECOVERY, FETCHes and END_USER_RECOVERY."""
+        if self.predecessor is not None:
+            self.predecessor.say(READY)
 
     def find_device(self) -> tuple[DeviceState | None, DeviceInfo | None, bool]:
         """(the state to go by, our kernel device to recover or None, whether
@@ -286,10 +293,12 @@ class Device:
             undo.callback(self.delete_device)
             self.control.set_params(self.info.dev_id, self.params_for(backend))
             self.save_state(generation=1, created=now())
+            undo.callback(self.join_queues)
+            self.prepare_queues(backend)
             char_fd = self.open_char_device()
             undo.callback(os.close, char_fd)
-            undo.callback(self.join_queues)
-            self.start_queues(char_fd, backend)
+            undo.callback(self.join_queues)  # before the close: the queues use it
+            self.start_queues(char_fd)
             undo.callback(self.stop_device)
             self.control.start_device(self.info.dev_id, os.getpid())
             log.info("%s: created /dev/ublkb%d (%s backend, %d queue(s) of depth %d, "
@@ -416,14 +425,18 @@ class Device:
         self.keep_settings_of(previous)
         started = time.monotonic()
         with contextlib.ExitStack() as undo:
-            backend = open_backend(self.config, may_create=False, lock_wait=RECOVERY_WAIT)
+            backend = open_backend(self.config, may_create=False, claim_wait=None)
             undo.callback(backend.close)
             self.check_backend_covers(backend, previous)
+            undo.callback(self.join_queues)
+            self.prepare_queues(backend)
+            self.let_the_predecessor_go()
+            backend.claim(RECOVERY_WAIT)
             self.start_user_recovery()
             char_fd = self.open_char_device()
             undo.callback(os.close, char_fd)
-            undo.callback(self.join_queues)
-            self.start_queues(char_fd, backend)
+            undo.callback(self.join_queues)  # before the close: the queues use it
+            self.start_queues(char_fd)
             self.control.end_user_recovery(info.dev_id, os.getpid())
             # After END, not before: the device's I/O waits for END, not for
             # the state file (a crash before it is written only leaves the
@@ -547,11 +560,13 @@ class Device:
                         f"{self.name}: {path} did not appear after ADD_DEV") from None
                 time.sleep(0.05)
 
-    def start_queues(self, char_fd: int, backend: Backend) -> None:
+    def prepare_queues(self, backend: Backend) -> None:
+        """Start every queue's thread, which makes its ring and backend
+        connection and waits for start_queues."""
         fetch_op, commit_op = uapi.io_opcodes(self.control.ioctl_encode)
         together = threading.Barrier(self.info.nr_queues)
         for q_id in range(self.info.nr_queues):
-            queue = Queue(char_fd, q_id, self.info.queue_depth, self.info.max_io_buf_bytes,
+            queue = Queue(q_id, self.info.queue_depth, self.info.max_io_buf_bytes,
                           backend, fetch_op, commit_op,
                           need_get_data=bool(self.info.flags & uapi.UBLK_F_NEED_GET_DATA),
                           auto_buf_reg=bool(self.info.flags & uapi.UBLK_F_AUTO_BUF_REG),
@@ -559,9 +574,20 @@ class Device:
             self.queues.append(queue)
             queue.start()
         for queue in self.queues:
+            queue.prepared.wait()
+            self.raise_if_failed(queue)
+
+    def start_queues(self, char_fd: int) -> None:
+        """Every queue FETCHes its tags on /dev/ublkcN char_fd."""
+        for queue in self.queues:
+            queue.attach(char_fd)
+        for queue in self.queues:
             queue.fetching.wait()
-            if queue.error:
-                raise KernelError(f"{self.name}: queue {queue.q_id} could not start: {queue.error}")
+            self.raise_if_failed(queue)
+
+    def raise_if_failed(self, queue: Queue) -> None:
+        if queue.error:
+            raise KernelError(f"{self.name}: queue {queue.q_id} could not start: {queue.error}")
 
     def serve_until_stopped(self) -> None:
         """Until SIGTERM/SIGINT/SIGUSR2, pinging the watchdog while every queue's
@@ -765,7 +791,7 @@ class Device:
         """After STOP_DEV every fetched tag ends with ABORT and the threads end;
         a device that never started needs them told."""
         for queue in self.queues:
-            queue.stop.set()
+            queue.leave()
         for queue in self.queues:
             queue.join()
         self.queues = []

@@ -23,8 +23,8 @@ class Harness:
         self.descriptors = bytearray(DEPTH * 24)
         self.buffers = mmap.mmap(-1, DEPTH * BUFFER)
         self.scratch = bytearray(16)
-        self.loop = QueueLoop(self.ring, char_fd, 0, DEPTH, self.descriptors, self.buffers,
-                              BUFFER, COMMIT_OP, get_data_op)
+        self.loop = QueueLoop(self.ring, 0, DEPTH, self.buffers, BUFFER, COMMIT_OP, get_data_op)
+        self.loop.attach(char_fd, self.descriptors)
 
     def request(self, tag: int, op: int, sector: int, sectors: int) -> None:
         """The kernel hands us a request on tag."""

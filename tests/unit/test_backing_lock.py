@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from ublkd.backends import open_backend
 from ublkd.backends.file import lock_exclusively
 from ublkd.config import parse_config
 from ublkd.errors import DeviceBusyError
@@ -46,3 +47,20 @@ def test_the_wait_is_bounded(locked):
     config, fd, _ = locked
     with pytest.raises(DeviceBusyError, match="still locked after 0.5 s"):
         lock_exclusively(fd, config, wait=0.5)
+
+
+def test_a_successor_opens_and_checks_before_it_claims(locked):
+    """open_backend(claim_wait=None) opens a file another server still locks
+    (a hand-over's successor gets ready first); claim() then waits for it."""
+    config, _, holder = locked
+    with pytest.raises(DeviceBusyError, match="is locked by another process"):
+        open_backend(config)
+    backend = open_backend(config, may_create=False, claim_wait=None)
+    try:
+        assert backend.size == 4096
+        threading.Timer(0.2, fcntl.flock, (holder, fcntl.LOCK_UN)).start()
+        backend.claim(10.0)
+        with pytest.raises(BlockingIOError):
+            fcntl.flock(holder, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    finally:
+        backend.close()

@@ -133,10 +133,17 @@ def test_closed_loop_refuses_to_serve(files):
     h.buffers.close()
 
 
-def test_buffers_must_cover_depth(files):
-    with Ring(4) as ring, pytest.raises(ValueError, match="smaller"):
-        QueueLoop(ring, files[0], 0, DEPTH, bytearray(DEPTH * 24), bytearray(BUFFER),
-                  BUFFER, COMMIT_OP)
+def test_buffers_must_cover_depth():
+    with Ring(4) as ring, pytest.raises(ValueError, match="buffers smaller"):
+        QueueLoop(ring, 0, DEPTH, bytearray(BUFFER), BUFFER, COMMIT_OP)
+
+
+def test_descriptors_must_cover_depth(files):
+    with Ring(4) as ring:
+        loop = QueueLoop(ring, 0, DEPTH, bytearray(DEPTH * BUFFER), BUFFER, COMMIT_OP)
+        with pytest.raises(ValueError, match="descriptors smaller"):
+            loop.attach(files[0], bytearray(DEPTH * 24 - 1))
+        loop.close()
 
 
 def test_buffer_address_matches_the_loop_base(harness):

@@ -80,20 +80,37 @@ class Backend(ABC):
         """
         return None
 
+    def claim(self, wait: float) -> None:  # noqa: B027 (a hook: most storage has no owner)
+        """Keep every other server off this storage (the file backend locks
+        its file), waiting up to `wait` seconds for the previous server to
+        let go.  Apart from opening, so that a successor opens and checks
+        first, and only then tells the old server to let go."""
+
     def close(self) -> None:  # noqa: B027 (a hook: a backend that holds nothing has none)
         """Release what open_backend took."""
 
 
-def open_backend(config: DeviceConfig, may_create: bool = True, lock_wait: float = 0.0
-                 ) -> Backend:
-    """The backend `config` asks for, opened and checked.
+def open_backend(config: DeviceConfig, may_create: bool = True,
+                 claim_wait: float | None = 0.0) -> Backend:
+    """The backend `config` asks for, opened, checked and claimed.
 
     may_create=False when the device held data before (a recovery, or a
     state file left by a reboot): a missing backing file is then an error,
     never a new empty file that would silently replace the data.
-    lock_wait: how long a recovery waits for the dead server's lock on the
-    backing file to go.
+    claim_wait: how long a recovery waits for the dead server's claim
+    (Backend.claim) to go; None: not claimed yet, the caller claims.
     """
+    backend = _open_backend(config, may_create)
+    if claim_wait is not None:
+        try:
+            backend.claim(claim_wait)
+        except BaseException:
+            backend.close()
+            raise
+    return backend
+
+
+def _open_backend(config: DeviceConfig, may_create: bool) -> Backend:
     if config.backend == "null":
         from ublkd.backends.null import NullBackend
 
@@ -104,4 +121,4 @@ def open_backend(config: DeviceConfig, may_create: bool = True, lock_wait: float
         return NbdBackend(config)
     from ublkd.backends.file import FileBackend
 
-    return FileBackend(config, may_create, lock_wait)
+    return FileBackend(config, may_create)

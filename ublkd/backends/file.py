@@ -77,19 +77,16 @@ class FallocateModes:
 class FileBackend(Backend):
     volatile_cache = True  # the page cache, or the disk's: FLUSH is fdatasync
 
-    def __init__(self, config: DeviceConfig, may_create: bool = True, lock_wait: float = 0.0):
+    def __init__(self, config: DeviceConfig, may_create: bool = True):
+        self.config = config
         self.path = config.path
         self.fd = -1
         ensure_exists(config, may_create)
         refuse_unusable_kind(config)
         self.fd, self.direct = open_backing(self.path, config.logical_block_size)
         try:
-            # Size and probe first: neither needs the lock, and in a hand-over
-            # they run while the old worker is still finishing, not while
-            # the device's I/O waits for us.
             self.size = checked_size(self.fd, config)
             self.modes = probe_fallocate(self.fd, self.path)
-            lock_exclusively(self.fd, config, lock_wait)
         except BaseException:
             os.close(self.fd)
             raise
@@ -97,6 +94,9 @@ class FileBackend(Backend):
         self.supports_discard = self.modes.punch_hole
         self.supports_write_zeroes = self.modes.zero_range
         self.inline = filesystem_type(self.fd) in MEMORY_FILESYSTEMS and not nowait_works(self.fd)
+
+    def claim(self, wait: float) -> None:
+        lock_exclusively(self.fd, self.config, wait)
 
     def fast_path(self) -> FastPath:
         return FastPath("file", self.fd, inline=self.inline,

@@ -36,13 +36,21 @@ DESCRIPTOR = struct.Struct("<IIQQ")  # struct ublksrv_io_desc
 
 
 class Queue:
-    """Serves queue `q_id` of the device whose /dev/ublkcN is `char_fd`."""
+    """Serves queue `q_id` of a device, in two steps.
 
-    def __init__(self, char_fd: int, q_id: int, depth: int, buffer_size: int,
+    `start` runs the thread, which makes the queue's ring, buffers and
+    backend connection and then waits; `attach` hands it the device's
+    /dev/ublkcN, which a recovering server may open only after
+    START_USER_RECOVERY: from then on the device's I/O waits for us, so
+    everything that can be ready before is (measured in
+    docs/performance.md, "A sixth look").
+    """
+
+    def __init__(self, q_id: int, depth: int, buffer_size: int,
                  backend: Backend, fetch_op: int, commit_op: int,
                  need_get_data: bool = False, auto_buf_reg: bool = False,
                  fetch_together: threading.Barrier | None = None):
-        self.char_fd = char_fd
+        self.char_fd = -1  # /dev/ublkcN, from attach
         self.q_id = q_id
         self.depth = depth
         self.buffer_size = buffer_size
@@ -56,6 +64,8 @@ class Queue:
         # Every queue of the device sends its FETCHes at the same moment (see
         # _fetch_every_tag): shared by the device's queues, None alone.
         self.fetch_together = fetch_together
+        self.prepared = threading.Event()  # ring and backend ready, waiting for attach
+        self.attached = threading.Event()  # attach (or leave) was called
         self.fetching = threading.Event()  # every tag fetched: the queue is ready
         self.stop = threading.Event()  # leave without waiting for ABORTs (never started)
         # Hand over to a successor: finish the requests in the server, take no
@@ -74,6 +84,17 @@ class Queue:
 
     def start(self) -> None:
         self.thread.start()
+
+    def attach(self, char_fd: int) -> None:
+        """Serve the device whose /dev/ublkcN is char_fd: FETCH every tag."""
+        self.char_fd = char_fd
+        self.attached.set()
+
+    def leave(self) -> None:
+        """End the thread without waiting for ABORTs (a device that never
+        started, or one whose queues a stop ended), attached or not."""
+        self.stop.set()
+        self.attached.set()
 
     def backend_lost(self) -> tuple[float, int, bool] | None:
         """QueueLoop.backend_lost of the running loop."""
@@ -113,35 +134,45 @@ class Queue:
             if self.fetch_together is not None:
                 self.fetch_together.abort()  # the other queues must not wait for this one
         finally:
-            self.fetching.set()  # never leave a waiter hanging
+            # Never leave a waiter hanging.
+            self.prepared.set()
+            self.fetching.set()
             self.handed_over.set()
 
     def _serve(self) -> None:
-        offset = uapi.descriptor_offset(self.q_id)
-        length = uapi.descriptor_length(self.depth)
-        descriptors = mmap.mmap(self.char_fd, length, mmap.MAP_SHARED, mmap.PROT_READ,
-                                offset=offset)
         # Anonymous memory: only the pages requests touch become resident
         # (one buffer per tag; with NEED_GET_DATA, a pool lent per request).
         buffers = mmap.mmap(-1, self.depth * self.buffer_size)
         try:
             with Ring(self._ring_entries(), single_issuer=True) as ring:
                 get_data_op = need_get_data_opcode(self.commit_op) if self.need_get_data else None
-                loop = QueueLoop(ring, self.char_fd, self.q_id, self.depth, descriptors,
-                                 buffers, self.buffer_size, self.commit_op, get_data_op,
-                                 auto_buf_reg=self.auto_buf_reg)
+                loop = QueueLoop(ring, self.q_id, self.depth, buffers, self.buffer_size,
+                                 self.commit_op, get_data_op, auto_buf_reg=self.auto_buf_reg)
                 try:
                     self._use_fast_path(loop)
                     self._loop = loop
-                    self._serve_loop(ring, loop, descriptors)
-                except Exception as exc:
-                    if self.fetching.is_set():
-                        self._stop_serving_with_the_ring_open(exc)
-                    raise
+                    self.prepared.set()
+                    self.attached.wait()
+                    if not self.stop.is_set():
+                        self._serve_device(ring, loop)
                 finally:
                     loop.close()
         finally:
             buffers.close()
+
+    def _serve_device(self, ring: Ring, loop: QueueLoop) -> None:
+        descriptors = mmap.mmap(self.char_fd, uapi.descriptor_length(self.depth),
+                                mmap.MAP_SHARED, mmap.PROT_READ,
+                                offset=uapi.descriptor_offset(self.q_id))
+        try:
+            loop.attach(self.char_fd, descriptors)
+            self._serve_loop(ring, loop, descriptors)
+        except Exception as exc:
+            if self.fetching.is_set():
+                self._stop_serving_with_the_ring_open(exc)
+            raise
+        finally:
+            loop.close()  # it exports the descriptors' mapping
             descriptors.close()
 
     def _ring_entries(self) -> int:

@@ -204,6 +204,17 @@ int ublkd_register_files(struct io_uring *ring, const int *fds, unsigned n)
 	return io_uring_register_files(ring, fds, n);
 }
 
+/* Fixed files off .. off+n-1 become fds (a slot registered as -1 is empty). */
+int ublkd_update_files(struct io_uring *ring, unsigned off, const int *fds, unsigned n)
+{
+	int ret;
+
+	if (!ring)
+		return -EBADFD;
+	ret = io_uring_register_files_update(ring, off, fds, n);
+	return ret < 0 ? ret : 0;
+}
+
 /* An empty table of n fixed buffers, for the kernel to fill (AUTO_BUF_REG). */
 int ublkd_register_buffers_sparse(struct io_uring *ring, unsigned n)
 {

@@ -32,12 +32,14 @@ except ImportError as exc:  # pragma: no cover - depends on the build
 SETUP_SQE128 = lib.IORING_SETUP_SQE128
 SETUP_COOP_TASKRUN = lib.IORING_SETUP_COOP_TASKRUN
 SETUP_SINGLE_ISSUER = lib.IORING_SETUP_SINGLE_ISSUER
-SETUP_DEFER_TASKRUN = lib.IORING_SETUP_DEFER_TASKRUN
 
-# Tried in this order for single-issuer rings, as ublksrv does; a kernel
-# that lacks a flag says EINVAL and the next, smaller set is tried.
+# Tried in this order for single-issuer rings; a kernel that lacks a flag
+# says EINVAL and the next, smaller set is tried.  Not DEFER_TASKRUN, which
+# ublksrv adds: with it the kernel took 13-71 ms instead of 7-25 ms, after a
+# hand-over's old worker exited, to let go of /dev/ublkcN (the successor's
+# START_USER_RECOVERY waits for that), and no fio job was measurably faster
+# (docs/performance.md, "A sixth look").
 SINGLE_ISSUER_FALLBACKS = (
-    SETUP_COOP_TASKRUN | SETUP_SINGLE_ISSUER | SETUP_DEFER_TASKRUN,  # 6.1+
     SETUP_COOP_TASKRUN | SETUP_SINGLE_ISSUER,  # 6.0
     SETUP_COOP_TASKRUN,  # 5.19
     0,
@@ -70,10 +72,8 @@ class Ring:
 
     ``sqe128``: 128-byte SQEs, which ublk control commands require.
     ``single_issuer``: the thread that creates the ring is the only one that
-    submits to it; then COOP_TASKRUN | SINGLE_ISSUER | DEFER_TASKRUN are
-    tried (less where the kernel lacks them).  With DEFER_TASKRUN the
-    kernel posts completions only while this thread waits in
-    ``submit_and_wait``/``wait``: ``reap`` alone may then find nothing new.
+    submits to it; then COOP_TASKRUN | SINGLE_ISSUER are tried (less where
+    the kernel lacks them).
     """
 
     def __init__(self, entries: int, *, sqe128: bool = False, single_issuer: bool = False):
@@ -128,10 +128,17 @@ class Ring:
         _raise(ret, call)
 
     def register_files(self, fds: list[int]) -> None:
-        """io_uring_register_files: fds[i] becomes fixed file i (for QueueLoop)."""
+        """io_uring_register_files: fds[i] becomes fixed file i (for QueueLoop);
+        -1 leaves slot i empty, for update_files."""
         ret = lib.ublkd_register_files(self._live(), fds, len(fds))
         if ret < 0:
             _raise(ret, "io_uring_register_files")
+
+    def update_files(self, offset: int, fds: list[int]) -> None:
+        """Fixed files offset, offset + 1, ... become fds."""
+        ret = lib.ublkd_update_files(self._live(), offset, fds, len(fds))
+        if ret < 0:
+            _raise(ret, "io_uring_register_files_update")
 
     def register_sparse_buffers(self, count: int) -> None:
         """An empty table of `count` fixed buffers, for the kernel to fill."""
@@ -284,8 +291,13 @@ class QueueLoop:
     answers a request with ``commit`` or by queuing backend I/O on the ring
     with user_data ``tag | BACKEND_IO``, whose completion the loop commits.
 
-    ``descriptors`` (the queue's mmap of /dev/ublkcN) and ``buffers`` (depth
-    x buffer_size bytes) stay exported, so not closable, until ``close``.
+    A loop is made before its device's /dev/ublkcN can be opened (in a
+    recovery, before START_USER_RECOVERY: the ring, buffers and backend are
+    then ready when the device's I/O starts waiting for us), and ``attach``
+    gives it the device.  ``descriptors`` (the queue's mmap of /dev/ublkcN)
+    and ``buffers`` (depth x buffer_size bytes) stay exported, so not
+    closable, until ``close``.  The ring's fixed files are /dev/ublkcN (0)
+    and the file backend's file (1).
     Without ``get_data_op`` tag t owns buffer t.  With it (the device has
     UBLK_F_NEED_GET_DATA; pass the NEED_GET_DATA opcode) buffers are lent
     from a pool per request, so only about as many as there are requests in
@@ -295,17 +307,16 @@ class QueueLoop:
     file backend, with fixed reads and writes, serves reads and writes.
     """
 
-    def __init__(self, ring: Ring, char_fd: int, q_id: int, depth: int, descriptors: Any,
-                 buffers: Any, buffer_size: int, commit_op: int, get_data_op: int | None = None,
-                 auto_buf_reg: bool = False):
+    def __init__(self, ring: Ring, q_id: int, depth: int, buffers: Any, buffer_size: int,
+                 commit_op: int, get_data_op: int | None = None, auto_buf_reg: bool = False):
         self._closed = False
         self._ring = ring
         self.depth = depth
-        self._descs = ffi.from_buffer(descriptors)
+        self._descs = None
         self._bufs = ffi.from_buffer(buffers, require_writable=True)
-        if len(self._descs) < depth * 24 or len(self._bufs) < depth * buffer_size:
+        if len(self._bufs) < depth * buffer_size:
             self.close()
-            raise ValueError("QueueLoop: descriptors or buffers smaller than depth needs")
+            raise ValueError("QueueLoop: buffers smaller than depth needs")
         self.buffer_base = int(ffi.cast("uintptr_t", self._bufs))
         self._started = ffi.new("uint64_t[]", depth)
         events = 2 * depth  # a tag has at most one ublk command and one backend I/O queued
@@ -313,12 +324,10 @@ class QueueLoop:
         self._ev_res = ffi.new("int32_t[]", events)
         q = self._q = ffi.new("struct ublkd_queue *")
         q.ring = ring._live()
-        q.descs = ffi.cast("const uint8_t *", self._descs)
         q.buf_base = self.buffer_base
         q.buf_size = buffer_size
         q.commit_op = commit_op
-        q.char_fd = char_fd
-        q.char_fixed = 0
+        q.char_fd, q.char_fixed = 0, 1
         q.backend_kind = lib.UBLKD_KIND_PYTHON
         q.backend_fd = q.backend_raw_fd = -1
         q.q_id = q_id
@@ -333,18 +342,29 @@ class QueueLoop:
         self._slots = [ffi.new("int32_t[]", depth) for _ in range(3)]
         q.slot, q.free_slots, q.released = self._slots
         lib.ublkd_queue_init_slots(q)
-        self._char_fd = char_fd
+        ring.register_files([-1, -1])  # filled by attach and use_file_backend
         if auto_buf_reg:
             ring.register_sparse_buffers(depth)
 
-    def use_file_backend(self, fd: int, inline: bool = False, fixed_files: bool = True,
-                         punch_hole: bool = True, zero_range: bool = True) -> None:
-        """Serve READ/WRITE/FLUSH/DISCARD/WRITE_ZEROES on fd in C.
+    def attach(self, char_fd: int, descriptors: Any) -> None:
+        """Serve the device whose /dev/ublkcN is char_fd; descriptors: this
+        queue's mmap of it."""
+        descs = ffi.from_buffer(descriptors)
+        if len(descs) < self.depth * 24:
+            ffi.release(descs)
+            raise ValueError("QueueLoop: descriptors smaller than depth needs")
+        self._ring.update_files(0, [char_fd])
+        self._descs = descs
+        self._q.descs = ffi.cast("const uint8_t *", descs)
+
+    def use_file_backend(self, fd: int, inline: bool = False, punch_hole: bool = True,
+                         zero_range: bool = True) -> None:
+        """Serve READ/WRITE/FLUSH/DISCARD/WRITE_ZEROES on fd in C (a fixed
+        file of the ring: no file lookup per SQE).
 
         ``inline``: pread/pwrite in the queue thread instead of io_uring,
         for memory-backed files (tmpfs), where io_uring would hand every
-        request to an io-wq worker thread.  ``fixed_files``: register
-        /dev/ublkcN and fd with the ring (saves a file lookup per SQE).
+        request to an io-wq worker thread.
         ``punch_hole``/``zero_range``: the fallocate modes fd takes; without
         the first a DISCARD is answered at once, doing nothing (it is a
         hint), without the second a WRITE_ZEROES goes to Python.
@@ -355,12 +375,8 @@ class QueueLoop:
         q.backend_inline = int(inline)
         q.backend_punch_hole = int(punch_hole)
         q.backend_zero_range = int(zero_range)
-        if fixed_files:
-            self._ring.register_files([self._char_fd, fd])
-            q.char_fd, q.char_fixed = 0, 1
-            q.backend_fd, q.backend_fixed = 1, 1
-        else:
-            q.backend_fd, q.backend_fixed = fd, 0
+        self._ring.update_files(1, [fd])
+        q.backend_fd, q.backend_fixed = 1, 1
 
     def use_null_backend(self) -> None:
         """Reads return zeros, writes, flushes and discards succeed: all in C."""
@@ -461,7 +477,8 @@ class QueueLoop:
         if hasattr(self, "_q"):
             lib.ublkd_nbd_detach(self._q)
             self._q.ring = ffi.NULL
-        ffi.release(self._descs)
+        if self._descs is not None:
+            ffi.release(self._descs)
         ffi.release(self._bufs)
 
     def __enter__(self) -> QueueLoop:
