@@ -44,7 +44,7 @@ from datetime import UTC, datetime
 from typing import NoReturn
 
 from ublkd import __version__, identity, systemd
-from ublkd.backends import Backend, open_backend
+from ublkd.backends import Backend, connects_to_server, open_backend
 from ublkd.config import DeviceConfig, load_config
 from ublkd.errors import (ConfigError, CorruptStateError, DeviceBusyError, DeviceNotFoundError,
                           HandOverRefusedError,
@@ -206,8 +206,9 @@ class Device:
                  existing.pid)
 
     def let_the_predecessor_go(self) -> None:
-        """Tell the predecessor's main process that its worker may let go: the
-        backend is open and checked and the queues are ready, so the I/O
+        """Tell the predecessor's main process that its worker may let go.
+        Said once the backend is open and checked and the queues are ready
+        (a backend that connects to a server excepted), so that the I/O
         pause of the hand-over is only its drain and exit and our
         START_USER_RECOVERY, FETCHes and END_USER_RECOVERY."""
         if self.predecessor is not None:
@@ -424,13 +425,19 @@ class Device:
         self.info = info
         self.keep_settings_of(previous)
         started = time.monotonic()
+        # The old server lets go once our backend and queues are ready; not
+        # before a connection of ours that its own could block.
+        go_first = connects_to_server(self.config)
         with contextlib.ExitStack() as undo:
+            if go_first:
+                self.let_the_predecessor_go()
             backend = open_backend(self.config, may_create=False, claim_wait=None)
             undo.callback(backend.close)
             self.check_backend_covers(backend, previous)
             undo.callback(self.join_queues)
             self.prepare_queues(backend)
-            self.let_the_predecessor_go()
+            if not go_first:
+                self.let_the_predecessor_go()
             backend.claim(RECOVERY_WAIT)
             self.start_user_recovery()
             char_fd = self.open_char_device()

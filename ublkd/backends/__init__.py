@@ -14,6 +14,16 @@ from dataclasses import dataclass
 from ublkd.config import DeviceConfig
 from ublkd.kernel.uring import Ring
 
+# Backends that connect to a server when they open and when their queues
+# start.  A server may take one client at a time (qemu-nbd without -e: a
+# second connection gets no answer until the first closes), so a hand-over's
+# successor connects only after the old server has let go of the device.
+CONNECTING_BACKENDS = ("nbd",)
+
+
+def connects_to_server(config: DeviceConfig) -> bool:
+    return config.backend in CONNECTING_BACKENDS
+
 
 @dataclass(frozen=True)
 class FastPath:
@@ -35,6 +45,12 @@ class FastPath:
     inline: bool = False
     punch_hole: bool = False  # file: DISCARD punches a hole; else it does nothing
     zero_range: bool = False  # file: WRITE_ZEROES zeroes the range; else it goes to `submit`
+
+    @property
+    def connects(self) -> bool:
+        """Whether the queue connects to a server for it: then only once it
+        has its device (Queue.attach), see connects_to_server."""
+        return self.kind in CONNECTING_BACKENDS
 
 
 @dataclass(frozen=True)

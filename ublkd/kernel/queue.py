@@ -24,7 +24,7 @@ import struct
 import threading
 import time
 
-from ublkd.backends import Backend, Request
+from ublkd.backends import Backend, FastPath, Request
 from ublkd.kernel import uapi
 from ublkd.kernel.uring import BACKEND_IO, TAG_MASK, QueueLoop, Ring
 
@@ -148,12 +148,16 @@ class Queue:
                 get_data_op = need_get_data_opcode(self.commit_op) if self.need_get_data else None
                 loop = QueueLoop(ring, self.q_id, self.depth, buffers, self.buffer_size,
                                  self.commit_op, get_data_op, auto_buf_reg=self.auto_buf_reg)
+                fast = self.backend.fast_path()
                 try:
-                    self._use_fast_path(loop)
+                    if fast is not None and not fast.connects:
+                        self._use_fast_path(loop, fast)
                     self._loop = loop
                     self.prepared.set()
                     self.attached.wait()
                     if not self.stop.is_set():
+                        if fast is not None and fast.connects:
+                            self._use_fast_path(loop, fast)
                         self._serve_device(ring, loop)
                 finally:
                     loop.close()
@@ -182,10 +186,7 @@ class Queue:
             entries *= 2
         return entries
 
-    def _use_fast_path(self, loop: QueueLoop) -> None:
-        fast = self.backend.fast_path()
-        if fast is None:
-            return
+    def _use_fast_path(self, loop: QueueLoop, fast: FastPath) -> None:
         if fast.kind == "file":
             loop.use_file_backend(fast.fd, inline=fast.inline, punch_hole=fast.punch_hole,
                                   zero_range=fast.zero_range)
