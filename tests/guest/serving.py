@@ -7,6 +7,7 @@ gets its exit code and output when it ends, while other requests go on.
 from __future__ import annotations
 
 import json
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -235,6 +236,32 @@ def run_in_background(guest, command: str, timeout: float = 1800):
     thread = threading.Thread(target=run, daemon=True)
     thread.start()
     return thread, box
+
+
+def upgrade_under_fio(guest, name: str, status: dict, runtime: int = 15) -> dict:
+    """`ublkd upgrade NAME` 3 s into fio's verified 4k random writes on the raw
+    device `status` names (what start() returned): it must say it handed the
+    device over, no write may fail nor read back wrong (verify_backlog: a
+    time-based job never reaches fio's final verify phase), the device
+    number must stay.  Returns fio's job (its longest write is the
+    hand-over's I/O pause)."""
+    dev = status["device"]
+    before = devnum(guest, dev)
+    fio, box = run_in_background(
+        guest, f"timeout 600 fio --name=upgrade --filename={dev} --rw=randwrite --bs=4k "
+               f"--size=32M --time_based --runtime={runtime} --ioengine=libaio --iodepth=16 "
+               f"--direct=1 --verify=crc32c --verify_backlog=256 --verify_fatal=1 "
+               f"--output-format=json")
+    guest.run("sleep 3")
+    out = ublkd(guest, "upgrade", name, timeout=180).stdout
+    assert re.search(rf"{name}: {dev} handed over from pid {status['pid']} to pid \d+",
+                     out), out
+    fio.join(900)
+    assert box and box[0].rc == 0, box and box[0].describe()
+    job = fio_jobs(box[0])[0]
+    assert job["error"] == 0
+    assert devnum(guest, dev) == before
+    return job
 
 
 def wait_in_guest(guest: Guest, condition: str, timeout: float,

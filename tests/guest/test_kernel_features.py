@@ -13,8 +13,8 @@ import re
 
 import pytest
 
-from tests.guest.serving import (devnum, fio_jobs, kill_and_wait_live, run_in_background, show,
-                                 start, ublkd, wait_in_guest, write_config)
+from tests.guest.serving import (devnum, fio_jobs, kill_and_wait_live, show, start, ublkd,
+                                 upgrade_under_fio, wait_in_guest, write_config)
 
 pytestmark = pytest.mark.kernels("6.12", "6.18")
 
@@ -131,20 +131,7 @@ def test_upgrade_under_fio_quiesces_first_where_the_kernel_can(systemd_guest, jo
         pytest.skip("without UBLK_F_QUIESCE an \"abort\" device is not handed over "
                     "(test_upgrade_policy.py tests the refusal)")
     status = start(guest, "vol0", FILE_CONFIG + f'recovery = "{mode}"\n')
-    dev = status["device"]
-    before = devnum(guest, dev)
-    fio, box = run_in_background(
-        guest, f"fio --name=upgrade --filename={dev} --rw=randwrite --bs=4k --size=32M "
-               f"--time_based --runtime=15 --ioengine=libaio --iodepth=16 --direct=1 "
-               f"--verify=crc32c --verify_fatal=1 --output-format=json")
-    guest.run("sleep 3")
-    out = ublkd(guest, "upgrade", "vol0", timeout=180).stdout
-    assert re.search(rf"vol0: {dev} handed over from pid {status['pid']} to pid \d+", out), out
-    fio.join(1800)
-    assert box[0].rc == 0, box[0].describe()
-    job = fio_jobs(box[0])[0]
-    assert job["error"] == 0
-    assert devnum(guest, dev) == before
+    job = upgrade_under_fio(guest, "vol0", status)
     log = journal.of("ublkd@vol0")
     assert ("quiesced in" in log) == quiesce, log
     assert show(guest, "ublkd@vol0", "ActiveState")["ActiveState"] == "active"

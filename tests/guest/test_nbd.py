@@ -11,9 +11,8 @@ import re
 
 import pytest
 
-from tests.guest.serving import (UBLKD, FioThroughExt4, device_status, devnum, fio_jobs,
-                                 kill_and_wait_live, run_in_background, show, start, ublkd,
-                                 write_config)
+from tests.guest.serving import (UBLKD, FioThroughExt4, device_status, kill_and_wait_live, show,
+                                 start, upgrade_under_fio, write_config)
 
 RUN = "/run/ublkd-test-nbd"
 IMAGES = "/var/tmp/ublkd-test-nbd"
@@ -111,19 +110,7 @@ def test_upgrade_hands_over_with_a_server_that_takes_one_client(systemd_guest, s
     guest = systemd_guest
     server = servers("raw", options=("-e", "1"))
     status = start(guest, "vol0", f'backend = "nbd"\nuri = "{server.uri}"\n')
-    dev = status["device"]
-    before = devnum(guest, dev)
-    fio, box = run_in_background(
-        guest, f"timeout 300 fio --name=upgrade --filename={dev} --rw=randwrite --bs=4k "
-               f"--size=32M --time_based --runtime=10 --ioengine=libaio --iodepth=16 "
-               f"--direct=1 --verify=crc32c --verify_fatal=1 --output-format=json")
-    guest.run("sleep 3")
-    out = ublkd(guest, "upgrade", "vol0", timeout=180).stdout
-    assert re.search(rf"vol0: {dev} handed over from pid {status['pid']} to pid \d+", out), out
-    fio.join(600)
-    assert box[0].rc == 0, box[0].describe()
-    assert fio_jobs(box[0])[0]["error"] == 0
-    assert devnum(guest, dev) == before
+    upgrade_under_fio(guest, "vol0", status, runtime=10)
     assert show(guest, "ublkd@vol0", "ActiveState")["ActiveState"] == "active"
 
 
