@@ -241,6 +241,13 @@ class Queue:
                 else:
                     log.error("queue %d tag %d: ublk command failed: %d", self.q_id, tag, result)
                     active -= 1
+        if not active:
+            # Every tag came back (STOP_DEV or QUIESCE_DEV): nothing uses the
+            # ring's files any more.  Dropped here, /dev/ublkcN and the
+            # backing file's lock go with this process; left to the ring's
+            # teardown, they went 7-25 ms after it (70+ ms now and then),
+            # and a successor waits for both (docs/performance.md).
+            ring.unregister_files()
 
     def _stop_serving_with_the_ring_open(self, error: Exception) -> None:
         """A queue that fails while it serves (its ring call refused, say)

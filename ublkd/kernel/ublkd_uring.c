@@ -215,6 +215,16 @@ int ublkd_update_files(struct io_uring *ring, unsigned off, const int *fds, unsi
 	return ret < 0 ? ret : 0;
 }
 
+/* Drop every fixed file now, in this thread: the files' last references go
+ * at once instead of with the ring's deferred teardown (io_uring.c's exit
+ * work, after the ring fd's close).  Only with nothing in flight. */
+int ublkd_unregister_files(struct io_uring *ring)
+{
+	if (!ring)
+		return -EBADFD;
+	return io_uring_unregister_files(ring);
+}
+
 /* An empty table of n fixed buffers, for the kernel to fill (AUTO_BUF_REG). */
 int ublkd_register_buffers_sparse(struct io_uring *ring, unsigned n)
 {

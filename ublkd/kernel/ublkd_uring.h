@@ -132,6 +132,7 @@ unsigned ublkd_reap(struct io_uring *ring, uint64_t *user_data, int32_t *res,
                     unsigned max);
 int ublkd_register_files(struct io_uring *ring, const int *fds, unsigned n);
 int ublkd_update_files(struct io_uring *ring, unsigned off, const int *fds, unsigned n);
+int ublkd_unregister_files(struct io_uring *ring);
 int ublkd_register_buffers_sparse(struct io_uring *ring, unsigned n);
 void ublkd_queue_init_slots(struct ublkd_queue *q);
 int ublkd_queue_serve(struct ublkd_queue *q, int64_t wait_ns, int64_t budget_ns);

@@ -140,6 +140,13 @@ class Ring:
         if ret < 0:
             _raise(ret, "io_uring_register_files_update")
 
+    def unregister_files(self) -> None:
+        """Let go of every fixed file at once, not when the kernel gets round
+        to tearing the closed ring down; nothing may be in flight."""
+        ret = lib.ublkd_unregister_files(self._live())
+        if ret < 0:
+            _raise(ret, "io_uring_unregister_files")
+
     def register_sparse_buffers(self, count: int) -> None:
         """An empty table of `count` fixed buffers, for the kernel to fill."""
         ret = lib.ublkd_register_buffers_sparse(self._live(), count)
