@@ -173,7 +173,7 @@ def clean_guest(guest):
 @pytest.fixture
 def units_installed(guest):
     """The checkout's units in the session guest, running its .venv's ublkd;
-    installed again after a reboot (test_testbed.py reboots the guest, whose
+    installed again after a reboot (test_recovery.py reboots the guest, whose
     /etc is a tmpfs overlay)."""
     guest.run(f"test -f /etc/systemd/system/ublkd@.service || "
               f"make -s -C {CHECKOUT} install-units")

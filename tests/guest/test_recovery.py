@@ -244,7 +244,9 @@ def test_stop_removes_device_and_state_and_start_works_again(systemd_guest):
 
 def test_reboot_unmounts_first_and_leaves_no_debris(systemd_guest):
     """The state directory lives on the persistent disk; after a reboot
-    with a mounted file system on the device, the next start is clean."""
+    with a mounted file system on the device, the next start is clean.
+    Also the test bed's own promise: a reboot is a new boot that keeps the
+    disks and forgets the root's changes (its /etc, /root: a tmpfs)."""
     guest = systemd_guest
     guest.run("mkfs.ext4 -q -F /dev/vda && mkdir -p /var/lib/ublkd /srv/images && "
               "mount /dev/vda /srv/images && mkdir -p /srv/images/state && "
@@ -252,8 +254,11 @@ def test_reboot_unmounts_first_and_leaves_no_debris(systemd_guest):
     config = 'backend = "file"\npath = "/srv/images/vol0.img"\nsize = "64MiB"\n'
     dev = start(guest, "vol0", config)["device"]
     guest.run(f"mkfs.ext4 -q {dev} && mkdir -p {MNT} && mount {dev} {MNT} && "
-              f"echo hello > {MNT}/file")
+              f"echo hello > {MNT}/file && echo volatile > /root/marker")
+    first_boot = guest.boot_id
     guest.reboot()
+    assert guest.boot_id != first_boot
+    assert guest.run("test -e /root/marker", check=False).rc == 1
     # systemd prints each unit it stops on the console (show_status).
     log = (guest.log_dir / f"console-boot{guest.boots - 1}.log").read_text(errors="replace")
     console = re.sub(r"\x1b\[[0-9;]*m", "", log)

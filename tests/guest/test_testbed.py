@@ -68,19 +68,6 @@ def test_files_round_trip_and_journal_is_readable(guest):
     assert "systemd" in saved.read_text()
 
 
-def test_reboot_is_a_new_boot_that_keeps_the_disks(guest):
-    disk = "/dev/disk/by-id/virtio-disk0"
-    guest.run(f"udevadm settle && mkfs.ext4 -q -F {disk} && mkdir -p /mnt/d && mount {disk} /mnt/d")
-    guest.run("echo persisted > /mnt/d/marker && echo volatile > /root/marker && umount /mnt/d")
-    first_boot = guest.boot_id
-    guest.reboot()
-    assert guest.boot_id != first_boot
-    guest.run(f"udevadm settle && mkdir -p /mnt/d && mount {disk} /mnt/d")
-    assert guest.read_file("/mnt/d/marker") == "persisted\n"
-    assert guest.run("test -e /root/marker", check=False).rc == 1
-    guest.run("umount /mnt/d")
-
-
 def test_guest_that_panics_fails_fast_with_console_log(kernel, tmp_path):
     machine = Guest(kernel, tmp_path, GuestConfig(kernel_args=["rdinit=/nonexistent"],
                                                   boot_timeout=240))
