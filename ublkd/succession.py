@@ -42,6 +42,12 @@ HAND_OVER_FAILED = "hand-over failed"  # how the old daemon's STATUS= begins the
 # lock, START_USER_RECOVERY) give up after 30 s each; `ublkd upgrade` waits
 # 120 s in all.
 TAKE_OVER_TIMEOUT = 120.0
+# Seconds from the successor's start to R at most.  Before R it only opens
+# and checks the backend and makes its rings (an NBD successor says R before
+# it connects): seconds even under emulation.  One that hangs there is
+# killed and the worker serves on; `ublkd upgrade` (120 s) then reports the
+# failure instead of giving up on a hand-over that never ends.
+READY_TIMEOUT = 60.0
 REAP_GRACE = 10.0  # seconds a successor that closed its pipe has to exit
 TOOK_OVER = b"T"
 
@@ -93,6 +99,13 @@ class Successor:
         self.pipe = read_end
         self.said = b""
         self.ended = False  # end of file: it said all it will
+        self.ready_deadline = time.monotonic() + READY_TIMEOUT
+
+    def seconds_left_to_be_ready(self) -> float | None:
+        """How long it may still take to say R; None once it has, or has ended."""
+        if READY in self.said or self.ended:
+            return None
+        return max(self.ready_deadline - time.monotonic(), 0.0)
 
     def hear(self) -> None:
         """Read what it wrote since; call when the pipe is readable."""

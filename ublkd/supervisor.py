@@ -135,9 +135,11 @@ class Supervisor:
                 watched = [pidfd, self.wake_r]
                 if self.successor is not None and not self.successor.ended:
                     watched.append(self.successor.pipe)
-                ready = select.select(watched, [], [])[0]
+                ready = select.select(watched, [], [], self.successor_patience())[0]
                 if pidfd in ready:
                     break
+                if self.successor is not None and self.successor_patience() == 0.0:
+                    self.give_up_on_successor()
                 drain(self.wake_r)  # the handler has run: forwarded
                 if self.hand_over_asked:
                     self.hand_over_asked = False
@@ -187,6 +189,25 @@ class Supervisor:
                       "the device over (its messages are above); this daemon keeps serving "
                       "it", self.name, successor.pid, code)
             self.status(f"{HAND_OVER_FAILED}: the new ublkd exited with {code}; still serving")
+
+    def successor_patience(self) -> float | None:
+        """Seconds the successor still has to say R (None: no limit now)."""
+        if self.successor is None:
+            return None
+        return self.successor.seconds_left_to_be_ready()
+
+    def give_up_on_successor(self) -> None:
+        """It did not get ready in time: it holds nothing yet, so it is
+        killed, and the worker, never told to let go, serves on."""
+        successor = self.successor
+        self.successor = None
+        code = successor.reap(grace=0)
+        log.error("%s: the new ublkd (pid %d) was not ready to take the device over within "
+                  "%.0f s; killed it (exit %d), this daemon keeps serving it; its messages "
+                  "above say where it waited", self.name, successor.pid,
+                  succession.READY_TIMEOUT, code)
+        self.status(f"{HAND_OVER_FAILED}: the new ublkd was not ready within "
+                    f"{succession.READY_TIMEOUT:.0f} s; still serving")
 
     def drop_successor(self) -> None:
         """The worker ended before the successor was ready (a stop, a crash):

@@ -119,6 +119,8 @@ worker, fd = map(int, os.environ["UBLKD_SUCCESSOR_OF"].split(":"))
 open(sys.argv[2], "w").write(f"{worker}")
 if sys.argv[1] == "refuse":
     sys.exit(9)
+if sys.argv[1] == "stall":
+    time.sleep(30)
 os.write(fd, b"R")
 while os.path.exists(f"/proc/{worker}") and \\
         open(f"/proc/{worker}/stat").read().split(")")[1].split()[0] != "Z":
@@ -161,10 +163,11 @@ def hand_over(tmp_path: Path, mode: str) -> tuple[int, list[str], str, list[str]
         # Short only where the test waits it out: elsewhere a loaded host
         # (CI, 2 cores) once took over 2 s to run the fake successor.
         succession.TAKE_OVER_TIMEOUT = 2.0 if mode == "hang" else 60.0
+        succession.READY_TIMEOUT = 2.0 if mode == "stall" else 60.0
         os._exit(Supervisor("vol0", work, status, successor_argv=lambda: argv).run())
     wait_for(log)
     os.kill(pid, signal.SIGUSR2)
-    if mode == "refuse":
+    if mode in ("refuse", "stall"):
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline and not (
                 status_file.exists() and "hand-over failed" in status_file.read_text()):
@@ -201,6 +204,18 @@ def test_a_successor_that_hangs_is_killed_and_left_to_systemd(tmp_path):
     code, worker_log, _, _ = hand_over(tmp_path, "hang")
     assert code == 75 and worker_log[:2] == ["serving", "signal 75"]
     assert time.monotonic() - started < 20  # TAKE_OVER_TIMEOUT (2 s here), not the 30 s hang
+
+
+def test_a_successor_that_never_gets_ready_is_killed_and_the_worker_serves_on(tmp_path):
+    """Before R it holds nothing of the device: killed after READY_TIMEOUT
+    (2 s here), never waited for until the unit stops."""
+    started = time.monotonic()
+    code, worker_log, seen, statuses = hand_over(tmp_path, "stall")
+    assert code == 0 and worker_log[:2] == ["serving", "signal 0"]  # SIGTERM, never SIGUSR2
+    assert time.monotonic() - started < 20  # not the successor's 30 s stall
+    assert seen.isdigit()  # it was started, and read whom it succeeds
+    assert statuses[-1] == "hand-over failed: the new ublkd was not ready within 2 s; " \
+                           "still serving", statuses
 
 
 def test_the_worker_dies_with_its_parent(tmp_path):
