@@ -12,9 +12,10 @@ at iodepth 1, 32 and 128; 128k sequential read and write at iodepth 32.
 
 Targets, all in the same guest, on the same backing file per backing:
   ublkd-file     ublkd's file backend (2 queues of depth 128); zero copy where
-                 the kernel has UBLK_F_AUTO_BUF_REG (6.16+)
-  ublkd-copy     the same with zero_copy = false: today's copying path, for the
-                 before/after of zero copy (only on a kernel that has it)
+                 the kernel has UBLK_F_AUTO_BUF_REG (6.16+), on tmpfs one copy
+                 through the mapped file (UBLK_F_USER_COPY, 6.5+)
+  ublkd-copy     the same with zero_copy = false: the buffers of NEED_GET_DATA,
+                 for the before/after (only where zero_copy changes anything)
   loop           /dev/loopN on the same file with direct I/O: the reference
   file           fio's io_uring engine straight on the backing file: the limit
   ublkd-null     ublkd's null backend
@@ -123,24 +124,30 @@ class Daemon:
     def main_memory_kib(self) -> tuple[int, int]:
         """(VmRSS, PSS) of `ublkd serve` itself, the worker's parent (no device,
         no buffers) and the worker's PSS: the worker is forked, so the two
-        share most pages, which VmRSS counts in each and PSS splits."""
+        share most pages, which VmRSS counts in each and PSS splits.  Shared
+        memory pages are left out: those of a tmpfs backing file mapped for
+        UBLK_F_USER_COPY are the file's memory, there with or without us."""
         out = self.guest.run(
             f"main=$(ps -o ppid= -p {self.pid} | tr -d ' '); "
-            f"grep '^VmRSS:' /proc/$main/status; grep '^Pss:' /proc/$main/smaps_rollup; "
-            f"grep '^Pss:' /proc/{self.pid}/smaps_rollup").stdout.split()
-        rss, main_pss, worker_pss = int(out[1]), int(out[4]), int(out[7])
-        return rss, main_pss + worker_pss
+            f"grep '^VmRSS:' /proc/$main/status; "
+            f"grep -E '^Pss(_Shmem)?:' /proc/$main/smaps_rollup; "
+            f"grep -E '^Pss(_Shmem)?:' /proc/{self.pid}/smaps_rollup").stdout.split()
+        rss = int(out[1])
+        main_pss, main_shmem, worker_pss, worker_shmem = (int(out[i]) for i in (4, 7, 10, 13))
+        return rss, main_pss - main_shmem + worker_pss - worker_shmem
 
     def snapshot(self) -> dict:
         out = self.guest.run(
-            f"cat /proc/{self.pid}/stat; grep -E '^(VmRSS|VmHWM):' /proc/{self.pid}/status; "
+            f"cat /proc/{self.pid}/stat; "
+            f"grep -E '^(VmRSS|VmHWM|RssShmem):' /proc/{self.pid}/status; "
             f"cat /sys/block/{Path(self.device).name}/stat").stdout.splitlines()
         stat = out[0].rsplit(")", 1)[1].split()
-        memory = {line.split(":")[0]: int(line.split()[1]) for line in out[1:3]}
-        disk = [int(x) for x in out[3].split()]
+        memory = {line.split(":")[0]: int(line.split()[1]) for line in out[1:4]}
+        disk = [int(x) for x in out[4].split()]
         return {
             "cpu_s": (int(stat[11]) + int(stat[12])) / self.clock_ticks,  # utime, stime
-            "rss_kib": memory["VmRSS"],
+            # Without shared memory: a mapped tmpfs backing file's pages (main_memory_kib).
+            "rss_kib": memory["VmRSS"] - memory["RssShmem"],
             "hwm_kib": memory["VmHWM"],
             "ios": disk[0] + disk[4],  # reads, writes completed
         }
@@ -240,7 +247,9 @@ def stop_daemon(guest: Guest, daemon: Daemon) -> None:
 
 def bench_file(guest: Guest, backing: str, args, run: Run) -> None:
     path = prepare_backing(guest, backing)
-    zero_copy = "AUTO_BUF_REG" in guest.run([UBLKD, "features", "--json"]).stdout
+    features = guest.run([UBLKD, "features", "--json"]).stdout
+    # Whether `zero_copy` changes anything here (DeviceConfig.copy_flags).
+    zero_copy = "AUTO_BUF_REG" in features or (backing == "tmpfs" and "USER_COPY" in features)
     for target, extra in (("ublkd-file", ""), ("ublkd-copy", "zero_copy = false\n")):
         if target not in args.targets or (target == "ublkd-copy" and not zero_copy):
             continue
@@ -337,7 +346,8 @@ def summary(run: Run) -> str:
         if "main_worker_pss_mib" in rss:  # the memory both processes of the daemon take
             judged = rss["main_worker_pss_mib"]
             measured = (f"main + worker {judged:.1f} MiB (PSS: their shared pages counted "
-                        f"once; worker peak RSS {peak:.1f} MiB, main process RSS "
+                        f"once; worker peak RSS {peak:.1f} MiB with any mapped backing file, "
+                        f"main process RSS "
                         f"{rss['main_rss_mib']:.1f} MiB)")
         else:
             judged, measured = peak, f"worker peak RSS {peak:.1f} MiB"

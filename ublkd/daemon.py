@@ -289,8 +289,7 @@ class Device:
             backend = open_backend(self.config, may_create=may_create)
             undo.callback(backend.close)
             undo.callback(remove_state, self.name)
-            self.info = self.add_device(self.wanted_id(previous),
-                                        backend.queues_for(self.config.queues))
+            self.info = self.add_device(self.wanted_id(previous), backend)
             undo.callback(self.delete_device)
             self.control.set_params(self.info.dev_id, self.params_for(backend))
             self.save_state(generation=1, created=now())
@@ -351,26 +350,38 @@ class Device:
                 f"(`ublkd features` lists what it has); choose recovery = \"reissue\" or "
                 f"\"abort\", or run a newer kernel")
 
-    def zero_copy_possible(self) -> bool:
-        """Zero copy (UBLK_F_AUTO_BUF_REG, 6.16+) for a file device: each
-        request's pages become an io_uring fixed buffer that the backing
-        file is read into and written from directly, with no copy through
-        ublkd's memory.  Only the file backend: NBD sends from, and the null
-        backend zeroes, a buffer of ours."""
-        return (self.config.backend == "file" and self.config.zero_copy
-                and bool(self.control.features() & uapi.UBLK_F_AUTO_BUF_REG))
+    def copy_flags(self, backend: Backend) -> int:
+        """How a file device's data avoids ublkd's buffers (`zero_copy`).
 
-    def add_device(self, dev_id: int | None, queues: int) -> DeviceInfo:
+        UBLK_F_AUTO_BUF_REG (6.16+): each request's pages become an io_uring
+        fixed buffer that the backing file is read into and written from
+        directly, no copy at all.  A file io_uring cannot serve without a
+        worker thread per request (tmpfs: no RWF_NOWAIT) gets
+        UBLK_F_USER_COPY (6.5+) instead: the queue thread copies between the
+        request and the mapped file itself, once, as loop does (the worker
+        threads cost more than the copy, docs/performance.md).  Neither
+        for NBD, which sends from, or the null backend, which zeroes, a
+        buffer of ours: 0, the buffers of NEED_GET_DATA."""
+        fast = backend.fast_path()
+        if not (self.config.zero_copy and fast is not None and fast.kind == "file"):
+            return 0
+        features = self.control.features()
+        if fast.inline:
+            return features & uapi.UBLK_F_USER_COPY
+        return features & uapi.UBLK_F_AUTO_BUF_REG
+
+    def add_device(self, dev_id: int | None, backend: Backend) -> DeviceInfo:
         self.refuse_unsupported_recovery()
+        queues = backend.queues_for(self.config.queues)
         # NEED_GET_DATA: the queues lend buffers per request instead of one
-        # per tag (resident memory ~ requests in flight, docs/performance.md).
-        flags = RECOVERY_FLAGS[self.config.recovery] | uapi.UBLK_F_NEED_GET_DATA
+        # per tag (resident memory ~ requests in flight, docs/performance.md);
+        # a device without buffers of ours has no use for it.
+        copy = self.copy_flags(backend)
+        flags = RECOVERY_FLAGS[self.config.recovery] | (copy or uapi.UBLK_F_NEED_GET_DATA)
         if self.control.ioctl_encode:
             flags |= uapi.UBLK_F_CMD_IOCTL_ENCODE
         if flags & uapi.UBLK_F_USER_RECOVERY and self.control.features() & uapi.UBLK_F_QUIESCE:
             flags |= uapi.UBLK_F_QUIESCE  # hand-overs between requests (hand_over_if_asked)
-        if self.zero_copy_possible():
-            flags |= uapi.UBLK_F_AUTO_BUF_REG  # the kernel drops NEED_GET_DATA then
         info = self.control.add_device(
             dev_id=dev_id,
             nr_queues=queues,
@@ -572,11 +583,14 @@ class Device:
         connection and waits for start_queues."""
         fetch_op, commit_op = uapi.io_opcodes(self.control.ioctl_encode)
         together = threading.Barrier(self.info.nr_queues)
+        user_copy = self.info.flags & uapi.UBLK_F_USER_COPY
+        backing_map = backend.shared_mapping() if user_copy else None
         for q_id in range(self.info.nr_queues):
             queue = Queue(q_id, self.info.queue_depth, self.info.max_io_buf_bytes,
                           backend, fetch_op, commit_op,
                           need_get_data=bool(self.info.flags & uapi.UBLK_F_NEED_GET_DATA),
                           auto_buf_reg=bool(self.info.flags & uapi.UBLK_F_AUTO_BUF_REG),
+                          backing_map=backing_map,
                           fetch_together=together)
             self.queues.append(queue)
             queue.start()

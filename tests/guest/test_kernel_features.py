@@ -170,6 +170,39 @@ def test_zero_copy_file_device_verifies_and_recovers(systemd_guest, queues):
     assert after["flags"] == status["flags"] and after["generation"] == 2
 
 
+def test_a_tmpfs_file_device_copies_once_through_the_mapped_file(systemd_guest):
+    """A backing file on tmpfs, which io_uring serves only through worker
+    threads, gets UBLK_F_USER_COPY (6.5+, so both kernels): the queue
+    copies between each request and the mapped file, once.  Bytes written
+    to the device are the file's bytes, fio's verify of 4k and 128k random
+    I/O is clean, and the recovered daemon serves the same way."""
+    guest = systemd_guest
+    backing = "/dev/shm/vol0.img"
+    try:
+        start(guest, "vol0", f'backend = "file"\npath = "{backing}"\nsize = "64MiB"\n')
+        status = json.loads(ublkd(guest, "status", "vol0", "--json").stdout)
+        assert "USER_COPY" in status["flags"], status
+        assert not {"AUTO_BUF_REG", "NEED_GET_DATA"} & set(status["flags"]), status
+        dev = status["device"]
+        guest.run(f"head -c 1M /dev/urandom > /tmp/data && dd if=/tmp/data of={dev} bs=1M "
+                  f"seek=3 oflag=direct status=none && cmp -n 1M -i 0:3M /tmp/data {backing}")
+        for round_ in ("before", "after"):
+            for block_size in ("4k", "128k"):
+                result = guest.run(
+                    f"fio --name=uc --filename={dev} --rw=randrw --bs={block_size} "
+                    f"--offset=8M --size=24M --numjobs=2 --offset_increment=24M "
+                    f"--ioengine=io_uring --iodepth=16 --direct=1 --verify=crc32c "
+                    f"--verify_fatal=1 --output-format=json", timeout=600)
+                assert all(job["error"] == 0 for job in fio_jobs(result)), (round_, block_size)
+            if round_ == "before":
+                kill_and_wait_live(guest, "vol0")
+        guest.run(f"cmp -n 1M /tmp/data {dev} -i 0:3M")
+        after = json.loads(ublkd(guest, "status", "vol0", "--json").stdout)
+        assert after["flags"] == status["flags"] and after["generation"] == 2
+    finally:
+        guest.run(f"systemctl stop ublkd@vol0; rm -f {backing}")
+
+
 @pytest.mark.kernels("6.18")
 def test_zero_copy_false_keeps_the_copying_path(systemd_guest):
     guest = systemd_guest

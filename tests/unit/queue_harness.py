@@ -18,12 +18,13 @@ NOT_A_UBLK_DEVICE = -errno.EOPNOTSUPP  # what a regular file answers to the comm
 
 
 class Harness:
-    def __init__(self, char_fd: int, get_data_op: int | None = None):
+    def __init__(self, char_fd: int, get_data_op: int | None = None, user_copy: bool = False):
         self.ring = Ring(4 * DEPTH)
         self.descriptors = bytearray(DEPTH * 24)
         self.buffers = mmap.mmap(-1, DEPTH * BUFFER)
         self.scratch = bytearray(16)
-        self.loop = QueueLoop(self.ring, 0, DEPTH, self.buffers, BUFFER, COMMIT_OP, get_data_op)
+        self.loop = QueueLoop(self.ring, 0, DEPTH, self.buffers, BUFFER, COMMIT_OP, get_data_op,
+                              user_copy=user_copy)
         self.loop.attach(char_fd, self.descriptors)
 
     def request(self, tag: int, op: int, sector: int, sectors: int) -> None:

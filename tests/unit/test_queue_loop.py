@@ -10,6 +10,7 @@ the tag buffers.
 
 from __future__ import annotations
 
+import mmap
 import os
 import time
 
@@ -232,3 +233,42 @@ def test_pool_python_backend_gets_the_lent_buffer(pooled, files):
     pooled.loop.commit(1, 4096)
     pooled.loop.commit(2, 0)
     assert pooled.events(2) == [(1, NOT_A_UBLK_DEVICE), (2, NOT_A_UBLK_DEVICE)]
+
+
+def user_copy_position(tag: int) -> int:
+    """Where /dev/ublkcN holds the data of queue 0's tag (ublk_cmd.h's layout)."""
+    return uapi.UBLKSRV_IO_BUF_OFFSET + (tag << 25)
+
+
+def test_user_copy_moves_data_between_the_mapped_file_and_the_char_device(files):
+    """UBLK_F_USER_COPY: a READ is the file's bytes written to /dev/ublkcN at
+    the tag's position, a WRITE the bytes there read into the file, through
+    the file's mapping; no buffer of ours is named."""
+    char, backing = files
+    harness = Harness(char, user_copy=True)
+    mapping = mmap.mmap(backing, 256 * 1024)
+    try:
+        harness.loop.use_file_backend(backing, inline=True, mapping=mapping)
+        assert harness.loop.buffer(1) == 0
+        harness.request(1, uapi.UBLK_IO_OP_READ, sector=3, sectors=8)
+        assert harness.events(1) == [(1, NOT_A_UBLK_DEVICE)]
+        assert os.pread(char, 4096, user_copy_position(1)) == os.pread(backing, 4096, 3 * 512)
+
+        os.pwrite(char, b"\xcd" * 2048, user_copy_position(2))
+        harness.request(2, uapi.UBLK_IO_OP_WRITE, sector=40, sectors=4)
+        assert harness.events(1) == [(2, NOT_A_UBLK_DEVICE)]
+        assert os.pread(backing, 2048, 40 * 512) == b"\xcd" * 2048
+        assert harness.loop.stats["served"] == 2
+    finally:
+        harness.close()
+        mapping.close()  # closable: the loop released it
+
+
+def test_a_user_copy_loop_needs_the_mapping(files):
+    char, backing = files
+    harness = Harness(char, user_copy=True)
+    try:
+        with pytest.raises(ValueError, match="mapping"):
+            harness.loop.use_file_backend(backing, inline=True)
+    finally:
+        harness.close()

@@ -8,10 +8,12 @@ a backend is one module here plus one line in `open_backend`.
 
 from __future__ import annotations
 
+import mmap
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 from ublkd.config import DeviceConfig
+from ublkd.errors import BackendError
 from ublkd.kernel.uring import Ring
 
 # Backends that connect to a server when they open and when their queues
@@ -95,6 +97,12 @@ class Backend(ABC):
         does not know how to serve.
         """
         return None
+
+    def shared_mapping(self) -> mmap.mmap:
+        """The storage mapped into memory, for a UBLK_F_USER_COPY device's
+        queues to copy requests from and to; only a file has one."""
+        raise BackendError(f"{type(self).__name__} cannot be mapped: a device made with "
+                           f"UBLK_F_USER_COPY needs the file backend")
 
     def claim(self, wait: float) -> None:  # noqa: B027 (a hook: most storage has no owner)
         """Keep every other server off this storage (the file backend locks

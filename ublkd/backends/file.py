@@ -81,6 +81,7 @@ class FileBackend(Backend):
         self.config = config
         self.path = config.path
         self.fd = -1
+        self.mapping: mmap.mmap | None = None
         ensure_exists(config, may_create)
         refuse_unusable_kind(config)
         self.fd, self.direct = open_backing(self.path, config.logical_block_size)
@@ -97,6 +98,15 @@ class FileBackend(Backend):
 
     def claim(self, wait: float) -> None:
         lock_exclusively(self.fd, self.config, wait)
+
+    def shared_mapping(self) -> mmap.mmap:
+        """One mapping of the file's first `size` bytes for all queues: the
+        file's own pages (tmpfs: its memory), which the kernel copies each
+        request from or into (UBLK_F_USER_COPY)."""
+        if self.mapping is None:
+            self.mapping = mmap.mmap(self.fd, self.size, mmap.MAP_SHARED,
+                                     mmap.PROT_READ | mmap.PROT_WRITE)
+        return self.mapping
 
     def fast_path(self) -> FastPath:
         return FastPath("file", self.fd, inline=self.inline,
@@ -125,6 +135,9 @@ class FileBackend(Backend):
         return None
 
     def close(self) -> None:
+        if self.mapping is not None:
+            self.mapping.close()  # the queues, joined before, released it
+            self.mapping = None
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1

@@ -49,6 +49,7 @@ class Queue:
     def __init__(self, q_id: int, depth: int, buffer_size: int,
                  backend: Backend, fetch_op: int, commit_op: int,
                  need_get_data: bool = False, auto_buf_reg: bool = False,
+                 backing_map: mmap.mmap | None = None,
                  fetch_together: threading.Barrier | None = None):
         self.char_fd = -1  # /dev/ublkcN, from attach
         self.q_id = q_id
@@ -61,6 +62,9 @@ class Queue:
         self.need_get_data = need_get_data
         # The device has UBLK_F_AUTO_BUF_REG: zero copy, no buffers of ours.
         self.auto_buf_reg = auto_buf_reg
+        # The device has UBLK_F_USER_COPY: requests are copied from and to this
+        # mapping of the backing file (Backend.shared_mapping); no buffers.
+        self.backing_map = backing_map
         # Every queue of the device sends its FETCHes at the same moment (see
         # _fetch_every_tag): shared by the device's queues, None alone.
         self.fetch_together = fetch_together
@@ -147,7 +151,8 @@ class Queue:
             with Ring(self._ring_entries(), single_issuer=True) as ring:
                 get_data_op = need_get_data_opcode(self.commit_op) if self.need_get_data else None
                 loop = QueueLoop(ring, self.q_id, self.depth, buffers, self.buffer_size,
-                                 self.commit_op, get_data_op, auto_buf_reg=self.auto_buf_reg)
+                                 self.commit_op, get_data_op, auto_buf_reg=self.auto_buf_reg,
+                                 user_copy=self.backing_map is not None)
                 fast = self.backend.fast_path()
                 try:
                     if fast is not None and not fast.connects:
@@ -189,7 +194,7 @@ class Queue:
     def _use_fast_path(self, loop: QueueLoop, fast: FastPath) -> None:
         if fast.kind == "file":
             loop.use_file_backend(fast.fd, inline=fast.inline, punch_hole=fast.punch_hole,
-                                  zero_range=fast.zero_range)
+                                  zero_range=fast.zero_range, mapping=self.backing_map)
         elif fast.kind == "null":
             loop.use_null_backend()
         elif fast.kind == "nbd":

@@ -262,6 +262,12 @@ int ublkd_register_buffers_sparse(struct io_uring *ring, unsigned n)
  * COMMIT on this ring unregisters it.  NEED_GET_DATA does not apply.
  */
 
+/* UBLK_F_USER_COPY: where on /dev/ublkcN a request's data is read and
+ * written (ublk_cmd.h: UBLKSRV_IO_BUF_OFFSET, UBLK_TAG_OFF, UBLK_QID_OFF). */
+#define UBLKD_USER_COPY_BASE 0x80000000ULL
+#define UBLKD_USER_COPY_TAG_OFF 25
+#define UBLKD_USER_COPY_QID_OFF (UBLKD_USER_COPY_TAG_OFF + 16)
+
 #define UBLKD_FALLOC_KEEP_SIZE 0x01
 #define UBLKD_FALLOC_PUNCH_HOLE 0x02
 #define UBLKD_FALLOC_ZERO_RANGE 0x10
@@ -284,7 +290,7 @@ void ublkd_queue_init_slots(struct ublkd_queue *q)
 
 	q->nfree = q->nreleased = 0;
 	for (i = 0; i < q->depth; i++) {
-		q->slot[i] = (q->pool || q->auto_buf_reg) ? -1 : (int32_t)i;
+		q->slot[i] = (q->pool || q->auto_buf_reg || q->user_copy) ? -1 : (int32_t)i;
 		if (q->pool)	/* LIFO: buffer 0 on top, so low buffers stay hot */
 			q->free_slots[q->nfree++] = q->depth - 1 - i;
 	}
@@ -410,6 +416,41 @@ static int ublkd_inline_io(struct ublkd_queue *q, unsigned op, void *buf,
 	return (int)done;
 }
 
+/* UBLK_F_USER_COPY: one copy, by the kernel, between the request's pages and
+ * the mapped backing file's (a READ writes the file's bytes to /dev/ublkcN
+ * at the request's position, a WRITE reads the request's into the file).
+ * The mapping is only ever touched inside these calls: a page gone from a
+ * shrunk file makes the call fail (EFAULT), never a SIGBUS here. */
+static int ublkd_user_copy_io(struct ublkd_queue *q, unsigned tag, unsigned op,
+			      uint64_t len, uint64_t offset)
+{
+	/* A sum, not an OR: tags from 64 up reach into the base's bit. */
+	uint64_t pos = UBLKD_USER_COPY_BASE +
+		       ((uint64_t)q->q_id << UBLKD_USER_COPY_QID_OFF) +
+		       ((uint64_t)tag << UBLKD_USER_COPY_TAG_OFF);
+	uint8_t *file = q->backend_map + offset;
+	uint64_t done = 0;
+	ssize_t n;
+
+	if (offset > q->backend_map_len || len > q->backend_map_len - offset)
+		return -EIO;
+	while (done < len) {
+		if (op == UBLKD_OP_READ)
+			n = pwrite(q->char_raw_fd, file + done, len - done, (off_t)(pos + done));
+		else
+			n = pread(q->char_raw_fd, file + done, len - done, (off_t)(pos + done));
+		if (n < 0) {
+			if (errno == EINTR)
+				continue;
+			return errno == EFAULT ? -EIO : -errno;
+		}
+		if (n == 0)
+			return -EIO;
+		done += (uint64_t)n;
+	}
+	return (int)done;
+}
+
 /* The file backend: 1 when an SQE tagged tag|BACKEND_IO was queued, 0 when
  * the answer is in *res already, -1 when Python must handle the op, -2
  * (with *err) when no SQE could be had. */
@@ -422,6 +463,10 @@ static int ublkd_file_io(struct ublkd_queue *q, unsigned tag,
 	struct io_uring_sqe *sqe;
 
 	if (op == UBLKD_OP_READ || op == UBLKD_OP_WRITE) {
+		if (q->user_copy) {
+			*res = ublkd_user_copy_io(q, tag, op, len, offset);
+			return 0;
+		}
 		if (q->backend_inline && !q->auto_buf_reg) {
 			*res = ublkd_inline_io(q, op, buf, len, offset);
 			return 0;
@@ -487,6 +532,10 @@ static int ublkd_dispatch(struct ublkd_queue *q, unsigned tag, uint64_t now)
 		/* The request's pages are the ring's buffer number tag: only
 		 * the file backend's fixed reads and writes can use them. */
 		if (q->backend_kind != UBLKD_KIND_FILE)
+			return ublkd_queue_commit(q, tag, -EIO);
+	} else if (q->user_copy) {
+		/* The data moves on /dev/ublkcN: only the mapped file backend. */
+		if (q->backend_kind != UBLKD_KIND_FILE || !q->backend_map)
 			return ublkd_queue_commit(q, tag, -EIO);
 	} else if (op == UBLKD_OP_READ || op == UBLKD_OP_WRITE) {
 		uint64_t addr;

@@ -55,13 +55,19 @@ struct ublkd_queue {
 	int auto_buf_reg;	/* UBLK_F_AUTO_BUF_REG device: no buffers of ours;
 				 * the kernel registers each request's pages as
 				 * the ring's fixed buffer number tag (zero copy) */
+	int user_copy;		/* UBLK_F_USER_COPY device: no buffers of ours;
+				 * READ/WRITE data moves by pwrite/pread on
+				 * /dev/ublkcN straight from/to backend_map */
 	int char_fd;		/* /dev/ublkcN: fd, or fixed-file index */
 	int char_fixed;
+	int char_raw_fd;	/* /dev/ublkcN's plain fd, for user copy */
 	int backend_kind;	/* UBLKD_KIND_* */
 	int backend_fd;		/* file backend: fd, or fixed-file index */
 	int backend_fixed;
 	int backend_inline;	/* pread/pwrite here instead of io_uring */
 	int backend_raw_fd;	/* the plain fd, for inline I/O */
+	uint8_t *backend_map;	/* user copy: the backing file, mmap'd shared */
+	uint64_t backend_map_len;
 	int backend_punch_hole;	/* DISCARD by FALLOC_FL_PUNCH_HOLE, else nothing */
 	int backend_zero_range;	/* WRITE_ZEROES by FALLOC_FL_ZERO_RANGE, else Python */
 	uint16_t q_id;

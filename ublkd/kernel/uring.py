@@ -312,14 +312,20 @@ class QueueLoop:
     has UBLK_F_AUTO_BUF_REG) no buffer is used: the kernel registers each
     request's pages in the ring's fixed-buffer slot of its tag, and only the
     file backend, with fixed reads and writes, serves reads and writes.
+    With ``user_copy`` (UBLK_F_USER_COPY) no buffer is used either: the file
+    backend, given the backing file's mapping, moves each request's data
+    with one pread/pwrite on /dev/ublkcN.
     """
 
     def __init__(self, ring: Ring, q_id: int, depth: int, buffers: Any, buffer_size: int,
-                 commit_op: int, get_data_op: int | None = None, auto_buf_reg: bool = False):
+                 commit_op: int, get_data_op: int | None = None, auto_buf_reg: bool = False,
+                 user_copy: bool = False):
         self._closed = False
         self._ring = ring
         self.depth = depth
+        self.user_copy = user_copy
         self._descs = None
+        self._backing_map = None
         self._bufs = ffi.from_buffer(buffers, require_writable=True)
         if len(self._bufs) < depth * buffer_size:
             self.close()
@@ -346,6 +352,8 @@ class QueueLoop:
         q.pool = int(get_data_op is not None)
         q.get_data_op = get_data_op or 0
         q.auto_buf_reg = int(auto_buf_reg)
+        q.user_copy = int(user_copy)
+        q.char_raw_fd = -1
         self._slots = [ffi.new("int32_t[]", depth) for _ in range(3)]
         q.slot, q.free_slots, q.released = self._slots
         lib.ublkd_queue_init_slots(q)
@@ -361,11 +369,12 @@ class QueueLoop:
             ffi.release(descs)
             raise ValueError("QueueLoop: descriptors smaller than depth needs")
         self._ring.update_files(0, [char_fd])
+        self._q.char_raw_fd = char_fd
         self._descs = descs
         self._q.descs = ffi.cast("const uint8_t *", descs)
 
     def use_file_backend(self, fd: int, inline: bool = False, punch_hole: bool = True,
-                         zero_range: bool = True) -> None:
+                         zero_range: bool = True, mapping: Any = None) -> None:
         """Serve READ/WRITE/FLUSH/DISCARD/WRITE_ZEROES on fd in C (a fixed
         file of the ring: no file lookup per SQE).
 
@@ -375,8 +384,16 @@ class QueueLoop:
         ``punch_hole``/``zero_range``: the fallocate modes fd takes; without
         the first a DISCARD is answered at once, doing nothing (it is a
         hint), without the second a WRITE_ZEROES goes to Python.
+        ``mapping``: a user-copy loop's shared, writable mmap of the file
+        (exported until ``close``), which READ and WRITE copy from and to.
         """
         q = self._q
+        if self.user_copy:
+            if mapping is None:
+                raise ValueError("QueueLoop: a user-copy loop needs the file's mapping")
+            self._backing_map = ffi.from_buffer(mapping, require_writable=True)
+            q.backend_map = ffi.cast("uint8_t *", self._backing_map)
+            q.backend_map_len = len(self._backing_map)
         q.backend_kind = lib.UBLKD_KIND_FILE
         q.backend_raw_fd = fd
         q.backend_inline = int(inline)
@@ -486,6 +503,8 @@ class QueueLoop:
             self._q.ring = ffi.NULL
         if self._descs is not None:
             ffi.release(self._descs)
+        if self._backing_map is not None:
+            ffi.release(self._backing_map)
         ffi.release(self._bufs)
 
     def __enter__(self) -> QueueLoop:
