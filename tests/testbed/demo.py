@@ -47,9 +47,9 @@ def demo(guest: Guest) -> None:
 
     say("\n1. systemctl start ublkd@demo  (/etc/ublkd/demo.toml: 512 MiB file, recovery "
         "\"reissue\")")
-    status = start(guest, "demo", 'backend = "file"\npath = "/var/tmp/demo.img"\n'
-                                  'size = "512MiB"\nrecovery = "reissue"\n')
-    dev = status["device"]
+    dev = start(guest, "demo", 'backend = "file"\npath = "/var/tmp/demo.img"\n'
+                               'size = "512MiB"\nrecovery = "reissue"\n')["device"]
+    status = json.loads(ublkd(guest, "status", "demo", "--json").stdout)  # what a user reads
     say(f"    {dev} is {status['state']}, served by pid {status['pid']}")
     say("    " + ublkd(guest, "list").stdout.replace("\n", "\n    ").rstrip())
 
