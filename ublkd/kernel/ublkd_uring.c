@@ -393,17 +393,19 @@ static void ublkd_event(struct ublkd_queue *q, uint64_t user_data, int32_t res)
 	q->nr_python++;
 }
 
-static int ublkd_inline_io(struct ublkd_queue *q, unsigned op, void *buf,
-			   size_t len, off_t offset)
+/* pread (write = 0) or pwrite of len bytes at pos, short transfers and EINTR
+ * retried: the bytes moved (fewer only at end of file), or -errno when
+ * nothing could be moved. */
+static int ublkd_full_io(int fd, int write, void *buf, size_t len, off_t pos)
 {
 	size_t done = 0;
 	ssize_t n;
 
 	while (done < len) {
-		if (op == UBLKD_OP_READ)
-			n = pread(q->backend_raw_fd, (char *)buf + done, len - done, offset + done);
+		if (write)
+			n = pwrite(fd, (char *)buf + done, len - done, pos + (off_t)done);
 		else
-			n = pwrite(q->backend_raw_fd, (char *)buf + done, len - done, offset + done);
+			n = pread(fd, (char *)buf + done, len - done, pos + (off_t)done);
 		if (n < 0) {
 			if (errno == EINTR)
 				continue;
@@ -411,7 +413,7 @@ static int ublkd_inline_io(struct ublkd_queue *q, unsigned op, void *buf,
 		}
 		if (n == 0)
 			break;
-		done += n;
+		done += (size_t)n;
 	}
 	return (int)done;
 }
@@ -428,27 +430,16 @@ static int ublkd_user_copy_io(struct ublkd_queue *q, unsigned tag, unsigned op,
 	uint64_t pos = UBLKD_USER_COPY_BASE +
 		       ((uint64_t)q->q_id << UBLKD_USER_COPY_QID_OFF) +
 		       ((uint64_t)tag << UBLKD_USER_COPY_TAG_OFF);
-	uint8_t *file = q->backend_map + offset;
-	uint64_t done = 0;
-	ssize_t n;
+	int ret;
 
 	if (offset > q->backend_map_len || len > q->backend_map_len - offset)
 		return -EIO;
-	while (done < len) {
-		if (op == UBLKD_OP_READ)
-			n = pwrite(q->char_raw_fd, file + done, len - done, (off_t)(pos + done));
-		else
-			n = pread(q->char_raw_fd, file + done, len - done, (off_t)(pos + done));
-		if (n < 0) {
-			if (errno == EINTR)
-				continue;
-			return errno == EFAULT ? -EIO : -errno;
-		}
-		if (n == 0)
-			return -EIO;
-		done += (uint64_t)n;
-	}
-	return (int)done;
+	/* A READ writes the file's bytes to the request, a WRITE reads them. */
+	ret = ublkd_full_io(q->char_raw_fd, op == UBLKD_OP_READ, q->backend_map + offset,
+			    len, (off_t)pos);
+	if (ret < 0 && ret != -EFAULT)
+		return ret;
+	return ret == (int)len ? ret : -EIO;	/* EFAULT, short: the file shrank */
 }
 
 /* The file backend: 1 when an SQE tagged tag|BACKEND_IO was queued, 0 when
@@ -468,7 +459,8 @@ static int ublkd_file_io(struct ublkd_queue *q, unsigned tag,
 			return 0;
 		}
 		if (q->backend_inline && !q->auto_buf_reg) {
-			*res = ublkd_inline_io(q, op, buf, len, offset);
+			*res = ublkd_full_io(q->backend_raw_fd, op == UBLKD_OP_WRITE, buf, len,
+					     (off_t)offset);
 			return 0;
 		}
 	} else if (op == UBLKD_OP_DISCARD && !q->backend_punch_hole) {
