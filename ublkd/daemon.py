@@ -99,6 +99,27 @@ def now() -> str:
     return datetime.now(UTC).isoformat()
 
 
+class PauseClock:
+    """The steps of a hand-over's I/O pause, as the successor sees them: the
+    journal then says where the time of a slow upgrade went."""
+
+    def __init__(self) -> None:
+        self.restart()
+
+    def restart(self) -> None:
+        self.started = self.last = time.monotonic()
+        self.laps: list[tuple[str, float]] = []
+
+    def lap(self, step: str) -> None:
+        now_ = time.monotonic()
+        self.laps.append((step, now_ - self.last))
+        self.last = now_
+
+    def __str__(self) -> str:
+        steps = ", ".join(f"{step} {seconds * 1000:.0f} ms" for step, seconds in self.laps)
+        return f"{(self.last - self.started) * 1000:.0f} ms ({steps})"
+
+
 class StopRequests:
     """SIGTERM, SIGINT and SIGUSR2 as the serving loop sees them.
 
@@ -440,22 +461,33 @@ class Device:
         # before a connection of ours that its own could block.
         go_first = connects_to_server(self.config)
         with contextlib.ExitStack() as undo:
+            pause = PauseClock()
             if go_first:
                 self.let_the_predecessor_go()
+                pause.restart()
             backend = open_backend(self.config, may_create=False, claim_wait=None)
             undo.callback(backend.close)
             self.check_backend_covers(backend, previous)
             undo.callback(self.join_queues)
             self.prepare_queues(backend)
-            if not go_first:
+            if go_first:
+                pause.lap("our connection and queues")
+            else:
                 self.let_the_predecessor_go()
+                pause.restart()
             backend.claim(RECOVERY_WAIT)
+            pause.lap("the old server's exit")
             self.start_user_recovery()
+            pause.lap("START_USER_RECOVERY")
             char_fd = self.open_char_device()
             undo.callback(os.close, char_fd)
             undo.callback(self.join_queues)  # before the close: the queues use it
             self.start_queues(char_fd)
             self.control.end_user_recovery(info.dev_id, os.getpid())
+            pause.lap("FETCH and END_USER_RECOVERY")
+            if self.predecessor is not None:
+                log.info("%s: /dev/ublkb%d served again %s after the old server was told "
+                         "to let go", self.name, info.dev_id, pause)
             # After END, not before: the device's I/O waits for END, not for
             # the state file (a crash before it is written only leaves the
             # previous server's pid and generation in it).
@@ -699,13 +731,15 @@ class Device:
             return
         undo.pop_all()
         self.quiesce_for_hand_over()
+        letting_go = time.monotonic()
         for queue in self.queues:
             queue.handover.set()
         for queue in self.queues:
             while queue.alive and not queue.handed_over.wait(0.1):
                 pass
-        log.info("%s: handed /dev/ublkb%d over; the next ublkd recovers it",
-                 self.name, self.info.dev_id)
+        log.info("%s: handed /dev/ublkb%d over (the queues let go in %.0f ms); the next "
+                 "ublkd recovers it", self.name, self.info.dev_id,
+                 (time.monotonic() - letting_go) * 1000)
 
     def quiesce_for_hand_over(self) -> None:
         """On a device made with UBLK_F_QUIESCE (6.16+), QUIESCE_DEV first: the

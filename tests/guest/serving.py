@@ -238,20 +238,28 @@ def run_in_background(guest, command: str, timeout: float = 1800):
     return thread, box
 
 
+SLOW_WRITE_MS = 20  # upgrade_under_fio lists the writes slower than this
+
+
 def upgrade_under_fio(guest, name: str, status: dict, runtime: int = 15) -> dict:
     """`ublkd upgrade NAME` 3 s into fio's verified 4k random writes on the raw
     device `status` names (what start() returned): it must say it handed the
     device over, no write may fail nor read back wrong (verify_backlog: a
     time-based job never reaches fio's final verify phase), the device
     number must stay.  Returns fio's job (its longest write is the
-    hand-over's I/O pause)."""
+    hand-over's I/O pause), with "slow_writes" added: (completion time in
+    ms into the run, latency in ms) of every write over SLOW_WRITE_MS, from
+    fio's per-write latency log, so that a long pause shows whether it was
+    the hand-over (iodepth writes completing together) or something else."""
     dev = status["device"]
     before = devnum(guest, dev)
+    lat_log = f"/tmp/upgrade-{name}"
     fio, box = run_in_background(
-        guest, f"timeout 600 fio --name=upgrade --filename={dev} --rw=randwrite --bs=4k "
-               f"--size=32M --time_based --runtime={runtime} --ioengine=libaio --iodepth=16 "
-               f"--direct=1 --verify=crc32c --verify_backlog=256 --verify_fatal=1 "
-               f"--output-format=json")
+        guest, f"rm -f {lat_log}_*.log; timeout 600 fio --name=upgrade --filename={dev} "
+               f"--rw=randwrite --bs=4k --size=32M --time_based --runtime={runtime} "
+               f"--ioengine=libaio --iodepth=16 --direct=1 --verify=crc32c "
+               f"--verify_backlog=256 --verify_fatal=1 --write_lat_log={lat_log} "
+               f"--log_avg_msec=0 --output-format=json")
     guest.run("sleep 3")
     out = ublkd(guest, "upgrade", name, timeout=180).stdout
     assert re.search(rf"{name}: {dev} handed over from pid {status['pid']} to pid \d+",
@@ -261,7 +269,23 @@ def upgrade_under_fio(guest, name: str, status: dict, runtime: int = 15) -> dict
     job = fio_jobs(box[0])[0]
     assert job["error"] == 0
     assert devnum(guest, dev) == before
+    slow = guest.run(f"awk -F, '$3 == 1 && $2 > {SLOW_WRITE_MS * 1_000_000} "
+                     f"{{print $1, $2}}' {lat_log}_clat.1.log").stdout.split("\n")
+    job["slow_writes"] = [(int(at), int(ns) / 1e6) for at, ns in map(str.split, filter(None, slow))]
     return job
+
+
+def describe_slow_writes(writes: list[tuple[int, float]]) -> str:
+    """Slow writes grouped by completion time: "16 x 40-44 ms at 3120 ms"."""
+    groups: list[list[tuple[int, float]]] = []
+    for at, ms in sorted(writes):
+        if groups and at - groups[-1][-1][0] <= 5:
+            groups[-1].append((at, ms))
+        else:
+            groups.append([(at, ms)])
+    return "; ".join(f"{len(group)} x {min(ms for _, ms in group):.0f}-"
+                     f"{max(ms for _, ms in group):.0f} ms at {group[0][0]} ms"
+                     for group in groups) or "none"
 
 
 def wait_in_guest(guest: Guest, condition: str, timeout: float,

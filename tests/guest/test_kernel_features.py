@@ -13,8 +13,9 @@ import re
 
 import pytest
 
-from tests.guest.serving import (devnum, fio_jobs, kill_and_wait_live, show, start, ublkd,
-                                 upgrade_under_fio, wait_in_guest, write_config)
+from tests.guest.serving import (SLOW_WRITE_MS, describe_slow_writes, devnum, fio_jobs,
+                                 kill_and_wait_live, show, start, ublkd, upgrade_under_fio,
+                                 wait_in_guest, write_config)
 
 pytestmark = pytest.mark.kernels("6.12", "6.18")
 
@@ -137,9 +138,14 @@ def test_upgrade_under_fio_quiesces_first_where_the_kernel_can(systemd_guest, jo
     assert show(guest, "ublkd@vol0", "ActiveState")["ActiveState"] == "active"
     release = guest.run("uname -r").stdout.strip()
     quiesced = re.search(r"quiesced in (\d+) ms", log)
+    let_go = re.search(r"queues let go in \d+ ms", log)
+    served = re.search(r"served again (.*) after the old server", log)
     report(f"upgrade under fio ({release}, recovery = {mode}, "
            f"{f'QUIESCE_DEV took {quiesced.group(1)} ms' if quiesced else 'no quiesce'}): "
-           f"longest write {job['write']['clat_ns']['max'] / 1e6:.0f} ms")
+           f"longest write {job['write']['clat_ns']['max'] / 1e6:.0f} ms; writes over "
+           f"{SLOW_WRITE_MS} ms: {describe_slow_writes(job['slow_writes'])}; old worker: "
+           f"{let_go.group(0) if let_go else '?'}; successor: served again "
+           f"{served.group(1) if served else '?'}")
 
 
 @pytest.mark.kernels("6.18")
