@@ -13,9 +13,9 @@ import re
 
 import pytest
 
-from tests.guest.serving import (SLOW_WRITE_MS, describe_slow_writes, devnum, fio_jobs,
-                                 kill_and_wait_live, show, start, ublkd, upgrade_under_fio,
-                                 wait_in_guest, write_config)
+from tests.guest.serving import (SLOW_IO_MS, describe_slow_ios, devnum, fio_jobs,
+                                 hand_over_pause, kill_and_wait_live, show, start, ublkd,
+                                 upgrade_under_fio, wait_in_guest, write_config)
 
 pytestmark = pytest.mark.kernels("6.12", "6.18")
 
@@ -124,8 +124,10 @@ def test_upgrade_under_fio_quiesces_first_where_the_kernel_can(systemd_guest, jo
     kernel with UBLK_F_QUIESCE the old daemon quiesces the device (no request
     is left for the successor to re-issue), which also makes an "abort"
     device safe to hand over; without it only "reissue" is handed over.  No
-    write fails, the same /dev/ublkbN serves on.  The longest completion
-    latency fio saw is the I/O pause of the hand-over (reported)."""
+    write fails, the same /dev/ublkbN serves on.  Reported: the hand-over's
+    I/O pause (what the I/Os completing as the successor began to serve
+    had waited), and apart from it fio's longest I/O and when each slow
+    one completed, so that a stall elsewhere shows as such."""
     guest = systemd_guest
     quiesce = "QUIESCE" in kernel_features(guest)
     if mode == "abort" and not quiesce:
@@ -142,8 +144,10 @@ def test_upgrade_under_fio_quiesces_first_where_the_kernel_can(systemd_guest, jo
     served = re.search(r"served again (.*) after the old server", log)
     report(f"upgrade under fio ({release}, recovery = {mode}, "
            f"{f'QUIESCE_DEV took {quiesced.group(1)} ms' if quiesced else 'no quiesce'}): "
-           f"longest write {job['write']['clat_ns']['max'] / 1e6:.0f} ms; writes over "
-           f"{SLOW_WRITE_MS} ms: {describe_slow_writes(job['slow_writes'])}; old worker: "
+           f"hand-over pause {hand_over_pause(job)}, longest I/O "
+           f"{max(job[op]['clat_ns']['max'] for op in ('read', 'write')) / 1e6:.0f} ms; I/Os "
+           f"over {SLOW_IO_MS} ms by completion time from the hand-over: "
+           f"{describe_slow_ios(job)}; old worker: "
            f"{let_go.group(0) if let_go else '?'}; successor: served again "
            f"{served.group(1) if served else '?'}")
 
