@@ -61,6 +61,29 @@ def test_plain_stop_still_deletes_the_device(systemd_guest, journal):
     assert f"stopping {dev}" in journal.of("ublkd@vol0")
 
 
+def test_stop_of_a_mounted_device_deletes_it_at_once_and_cleanly(systemd_guest, journal):
+    """`systemctl stop` with a file system still mounted on the device (the
+    admin forgot to unmount) deletes the device, as a stop does, and ends
+    there: no wait until systemd's stop timeout (90 s) kills the daemon and
+    marks the unit failed with its state file left behind.  The mount gets
+    EIO; once unmounted, the device's number is free for a new start."""
+    guest = systemd_guest
+    dev = start(guest, "vol0", CONFIG)["device"]
+    guest.run(f"mkfs.ext4 -q {dev} && mkdir -p /mnt/vol0 && mount {dev} /mnt/vol0 && "
+              f"head -c 4M /dev/urandom > /mnt/vol0/data && sync")
+    try:
+        stopped = guest.run("timeout 60 systemctl stop ublkd@vol0", check=False, timeout=120)
+        assert stopped.rc == 0, stopped.describe()
+        unit = show(guest, "ublkd@vol0", "ActiveState", "Result")
+        assert unit == {"ActiveState": "inactive", "Result": "success"}, unit
+        assert leftovers(guest) == ""
+        assert f"stopping {dev}" in journal.of("ublkd@vol0")
+    finally:
+        guest.run("umount /mnt/vol0", check=False, timeout=60)
+    assert start(guest, "vol0", CONFIG)["device"] == dev
+    guest.run("systemctl stop ublkd@vol0", timeout=120)
+
+
 def test_stop_while_a_restarted_daemon_starts_leaves_no_device_waiting(systemd_guest,
                                                                        journal):
     """The whole unit is killed and systemd restarts it; the stop lands while

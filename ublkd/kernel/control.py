@@ -47,6 +47,7 @@ SECTOR_SHIFT = 9
 # errnos of GET_FEATURES on kernels that lack it: 6.1 looks the device up
 # first (ENODEV) or does not know the opcode (EOPNOTSUPP); EINVAL for safety.
 NO_GET_FEATURES = (errno.EOPNOTSUPP, errno.ENODEV, errno.EINVAL)
+NO_DEL_DEV_ASYNC = (errno.EOPNOTSUPP, errno.EINVAL)  # a kernel before 6.9
 
 
 @dataclass(frozen=True)
@@ -347,7 +348,23 @@ class ControlDevice:
         self._run("STOP_DEV", self.ops.stop_dev, dev_id)
 
     def delete_device(self, dev_id: int) -> None:
-        """DEL_DEV: stops if needed, removes /dev/ublkcN, waits until the id is free."""
+        """Stop if needed and remove /dev/ublkcN: DEL_DEV_ASYNC where the
+        kernel has it, else DEL_DEV.
+
+        DEL_DEV also waits until the kernel has freed the device, and a file
+        system still mounted on /dev/ublkbN (its I/O fails once the device
+        is stopped) holds it until it is unmounted: a `systemctl stop` hung
+        until systemd killed the daemon (90 s) and ended failed, its state
+        file left behind.  DEL_DEV_ASYNC does the same removal without that
+        wait; the id is free again once the last holder lets go.
+        """
+        if self.ops.del_dev_async is not None:
+            try:
+                self._run("DEL_DEV_ASYNC", self.ops.del_dev_async, dev_id)
+                return
+            except KernelError as exc:
+                if getattr(exc, "errno", None) not in NO_DEL_DEV_ASYNC:
+                    raise
         self._run("DEL_DEV", self.ops.del_dev, dev_id)
 
     def get_info(self, dev_id: int) -> DeviceInfo:

@@ -420,6 +420,7 @@ class Opcodes:
     commit_and_fetch_req: int
     need_get_data: int
     get_features: int = UBLK_U_CMD_GET_FEATURES
+    del_dev_async: int | None = None  # 6.9+, in ioctl form only
 
 
 LEGACY_OPCODES = Opcodes(
@@ -454,6 +455,7 @@ IOCTL_OPCODES = Opcodes(
     fetch_req=UBLK_U_IO_FETCH_REQ,
     commit_and_fetch_req=UBLK_U_IO_COMMIT_AND_FETCH_REQ,
     need_get_data=UBLK_U_IO_NEED_GET_DATA,
+    del_dev_async=UBLK_U_CMD_DEL_DEV_ASYNC,
 )
 
 
