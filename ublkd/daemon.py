@@ -853,7 +853,10 @@ class Device:
 
     def delete_device(self) -> None:
         with contextlib.suppress(DeviceNotFoundError):
-            self.control.delete_device(self.info.dev_id)
+            if not self.control.delete_device(self.info.dev_id):
+                log.warning("%s: /dev/ublkb%d is deleted, but something still holds it "
+                            "(a file system still mounted?): its I/O fails, and its number "
+                            "is taken until that lets go", self.name, self.info.dev_id)
 
 
 def serve(config: DeviceConfig, notifier: Notifier, config_error: ConfigError | None = None,

@@ -77,7 +77,8 @@ def test_stop_of_a_mounted_device_deletes_it_at_once_and_cleanly(systemd_guest, 
         unit = show(guest, "ublkd@vol0", "ActiveState", "Result")
         assert unit == {"ActiveState": "inactive", "Result": "success"}, unit
         assert leftovers(guest) == ""
-        assert f"stopping {dev}" in journal.of("ublkd@vol0")
+        log = journal.of("ublkd@vol0")
+        assert f"stopping {dev}" in log and "something still holds it" in log, log
     finally:
         guest.run("umount /mnt/vol0", check=False, timeout=60)
     assert start(guest, "vol0", CONFIG)["device"] == dev

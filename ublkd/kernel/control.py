@@ -30,6 +30,7 @@ import ctypes
 import dataclasses
 import errno
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,6 +49,9 @@ SECTOR_SHIFT = 9
 # first (ENODEV) or does not know the opcode (EOPNOTSUPP); EINVAL for safety.
 NO_GET_FEATURES = (errno.EOPNOTSUPP, errno.ENODEV, errno.EINVAL)
 NO_DEL_DEV_ASYNC = (errno.EOPNOTSUPP, errno.EINVAL)  # a kernel before 6.9
+# How long delete_device waits for the id to be free, as DEL_DEV would; a
+# device nothing holds is freed within DEL_DEV_ASYNC itself.
+DELETE_WAIT = 2.0
 
 
 @dataclass(frozen=True)
@@ -347,25 +351,39 @@ class ControlDevice:
         """STOP_DEV: removes /dev/ublkbN and aborts the queues' commands."""
         self._run("STOP_DEV", self.ops.stop_dev, dev_id)
 
-    def delete_device(self, dev_id: int) -> None:
+    def delete_device(self, dev_id: int, wait: float = DELETE_WAIT) -> bool:
         """Stop if needed and remove /dev/ublkcN: DEL_DEV_ASYNC where the
-        kernel has it, else DEL_DEV.
+        kernel has it, else DEL_DEV.  Returns whether the id is free again.
 
         DEL_DEV also waits until the kernel has freed the device, and a file
         system still mounted on /dev/ublkbN (its I/O fails once the device
         is stopped) holds it until it is unmounted: a `systemctl stop` hung
         until systemd killed the daemon (90 s) and ended failed, its state
-        file left behind.  DEL_DEV_ASYNC does the same removal without that
-        wait; the id is free again once the last holder lets go.
+        file left behind.  DEL_DEV_ASYNC does the same removal; the wait for
+        the id is ours, and ends after `wait` seconds (False: a holder keeps
+        the id until it lets go).
         """
         if self.ops.del_dev_async is not None:
             try:
                 self._run("DEL_DEV_ASYNC", self.ops.del_dev_async, dev_id)
-                return
             except KernelError as exc:
                 if getattr(exc, "errno", None) not in NO_DEL_DEV_ASYNC:
                     raise
+            else:
+                return self._wait_until_freed(dev_id, wait)
         self._run("DEL_DEV", self.ops.del_dev, dev_id)
+        return True
+
+    def _wait_until_freed(self, dev_id: int, wait: float) -> bool:
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                self.get_info(dev_id)
+            except DeviceNotFoundError:
+                return True
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.01)
 
     def get_info(self, dev_id: int) -> DeviceInfo:
         """GET_DEV_INFO; DeviceNotFoundError if there is no such device."""
