@@ -5,6 +5,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/ioctl.h>
 
 #include "ublkd_nbd.h"
 #include "ublkd_uring.h"
@@ -516,6 +517,27 @@ int ublkd_nbd_io(struct ublkd_queue *q, unsigned tag, const struct ublkd_io_desc
 	return ublkd_nbd_arm(q);
 }
 
+/* The socket is readable: let libnbd read every reply already there.
+ * libnbd reads one reply per nbd_aio_notify_read and then waits for the
+ * next notification, however many more are queued; read them all in this
+ * wake, so that their commits go out in one io_uring_enter and the poll
+ * is armed once, not once per reply (docs/performance.md, "NBD").  Only
+ * while the socket holds bytes: a notify_read on an empty socket leaves
+ * libnbd waiting inside a reply, and it sends no new command until the
+ * next reply comes, which may be never. */
+static void ublkd_nbd_read_replies(struct ublkd_queue *q)
+{
+	unsigned n;
+	int queued;
+
+	for (n = 0; n < q->depth; n++) {
+		ublkd_nbd.aio_notify_read(q->nbd);
+		if (ublkd_nbd.aio_is_ready(q->nbd) != 1 ||
+		    ioctl(q->nbd_fd, FIONREAD, &queued) < 0 || queued <= 0)
+			return;
+	}
+}
+
 /* A poll on the socket fired: let libnbd read or write, which completes
  * requests through their callbacks; then poll again for what it needs. */
 int ublkd_nbd_polled(struct ublkd_queue *q, uint64_t user_data, int32_t res)
@@ -533,8 +555,10 @@ int ublkd_nbd_polled(struct ublkd_queue *q, uint64_t user_data, int32_t res)
 	}
 	if (bit == 2)
 		ublkd_nbd.aio_notify_write(q->nbd);
-	else
+	else if (q->nbd_connecting)
 		ublkd_nbd.aio_notify_read(q->nbd);
+	else
+		ublkd_nbd_read_replies(q);
 	ret = ublkd_nbd_settle(q);
 	if (ret < 0)
 		return ret;
