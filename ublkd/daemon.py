@@ -104,9 +104,6 @@ class PauseClock:
     journal then says where the time of a slow upgrade went."""
 
     def __init__(self) -> None:
-        self.restart()
-
-    def restart(self) -> None:
         self.started = self.last = time.monotonic()
         self.laps: list[tuple[str, float]] = []
 
@@ -226,14 +223,16 @@ class Device:
         log.info("%s: taking /dev/ublkb%d over from pid %d", self.name, existing.dev_id,
                  existing.pid)
 
-    def let_the_predecessor_go(self) -> None:
+    def let_the_predecessor_go(self) -> PauseClock:
         """Tell the predecessor's main process that its worker may let go.
         Said once the backend is open and checked and the queues are ready
         (a backend that connects to a server excepted), so that the I/O
         pause of the hand-over is only its drain and exit and our
-        START_USER_RECOVERY, FETCHes and END_USER_RECOVERY."""
+        START_USER_RECOVERY, FETCHes and END_USER_RECOVERY.  The pause
+        starts here: the clock returned times its steps."""
         if self.predecessor is not None:
             self.predecessor.say(READY)
+        return PauseClock()
 
     def find_device(self) -> tuple[DeviceState | None, DeviceInfo | None, bool]:
         """(the state to go by, our kernel device to recover or None, whether
@@ -461,10 +460,8 @@ class Device:
         # before a connection of ours that its own could block.
         go_first = connects_to_server(self.config)
         with contextlib.ExitStack() as undo:
-            pause = PauseClock()
             if go_first:
-                self.let_the_predecessor_go()
-                pause.restart()
+                pause = self.let_the_predecessor_go()
             backend = open_backend(self.config, may_create=False, claim_wait=None)
             undo.callback(backend.close)
             self.check_backend_covers(backend, previous)
@@ -473,8 +470,7 @@ class Device:
             if go_first:
                 pause.lap("our connection and queues")
             else:
-                self.let_the_predecessor_go()
-                pause.restart()
+                pause = self.let_the_predecessor_go()
             backend.claim(RECOVERY_WAIT)
             pause.lap("the old server's exit")
             self.start_user_recovery()
