@@ -26,15 +26,26 @@ EXAMPLE_CONFIG = "/usr/share/doc/ublkd/examples/vol0.toml"
 SOURCE_EXAMPLE_CONFIG = "conf/vol0.toml.example"
 
 KNOWN_KEYS = (
-    "backend", "id", "logical_block_size", "on_give_up", "path",
-    "queue_depth", "queues", "read_only", "reconnect_timeout", "recovery", "size", "uri",
-    "zero_copy",
+    "backend", "ceph_conf", "client", "id", "image", "io_timeout", "keyring",
+    "logical_block_size", "namespace", "on_give_up", "path", "pool", "queue_depth", "queues",
+    "read_only", "reconnect_timeout", "recovery", "size", "snapshot", "uri", "zero_copy",
 )
-BACKENDS = ("file", "null", "nbd")
+BACKENDS = ("file", "null", "nbd", "rbd")
+RBD_KEYS = ("pool", "image", "namespace", "snapshot", "ceph_conf", "client", "keyring",
+            "io_timeout")
 # Config fields newer than the state files of ublkd 0.1, with the value
-# those devices were created with: from_dict fills them in.
-LATER_FIELDS = {"uri": None, "reconnect_timeout": None, "read_only": False, "zero_copy": True}
+# those devices were created with: from_dict fills them in, and to_dict
+# leaves them out while they have it (an older ublkd then still reads the
+# state file of a device that does not use them).
+LATER_FIELDS = {"uri": None, "reconnect_timeout": None, "read_only": False, "zero_copy": True,
+                **dict.fromkeys(RBD_KEYS)}
 DEFAULT_RECONNECT_TIMEOUT = 60.0
+DEFAULT_CEPH_CONF = "/etc/ceph/ceph.conf"
+DEFAULT_CEPH_CLIENT = "admin"
+# Ceph's pool, namespace, image and snapshot names: no '/' or '@' (the
+# separators of "pool/namespace/image@snapshot"), no control characters.
+_CEPH_NAME = re.compile(r"[^/@\x00-\x1f]+")
+_CEPH_CLIENT = re.compile(r"[A-Za-z0-9_.-]+")
 MAX_RECONNECT_TIMEOUT = 365 * 86400.0
 NBD_URI_HELP = ('use "nbd://HOST[:PORT]/EXPORT" or "nbd+unix:///EXPORT?socket=/ABSOLUTE/PATH", '
                 'e.g. "nbd+unix:///?socket=/run/qemu-nbd/vol0.sock"')
@@ -85,13 +96,29 @@ class DeviceConfig:
     reconnect_timeout: float | None = None  # backend "nbd": seconds; 0 = forever
     read_only: bool = False
     zero_copy: bool = True  # backend "file": UBLK_F_AUTO_BUF_REG where the kernel has it
+    # backend "rbd" (docs/rbd.md): the image, and who opens it
+    pool: str | None = None
+    image: str | None = None
+    namespace: str | None = None
+    snapshot: str | None = None  # served read-only
+    ceph_conf: str | None = None
+    client: str | None = None  # the cephx id: client.<client>
+    keyring: str | None = None  # None: where ceph_conf says
+    io_timeout: float | None = None  # seconds a cluster request may take; 0 = forever
 
     def to_dict(self) -> dict[str, object]:
         """A JSON-friendly copy, kept in the state file so recovery serves what was created."""
-        data = asdict(self)
+        data = {key: value for key, value in asdict(self).items()
+                if key not in LATER_FIELDS or value != LATER_FIELDS[key]}
         data["path"] = None if self.path is None else str(self.path)
         data["source"] = str(self.source)
         return data
+
+    @property
+    def rbd_spec(self) -> str:
+        """The image as the rbd tool names it: pool[/namespace]/image[@snapshot]."""
+        spec = "/".join(part for part in (self.pool, self.namespace, self.image) if part)
+        return f"{spec}@{self.snapshot}" if self.snapshot else spec
 
     @classmethod
     def from_dict(cls, data: dict[str, object]) -> "DeviceConfig":
@@ -274,6 +301,7 @@ def parse_config(name: str, text: str, source: Path) -> DeviceConfig:
         reconnect_timeout=_reconnect_timeout(table, backend, source),
         read_only=_read_only(table, backend, source),
         zero_copy=_zero_copy(table, backend, source),
+        **_rbd_keys(table, backend, source),
     )
 
 
@@ -458,12 +486,69 @@ def _reconnect_timeout(table: dict[str, object], backend: str, source: Path) -> 
 
 
 def _read_only(table: dict[str, object], backend: str, source: Path) -> bool:
-    """Whether the device is read-only (the NBD export may be)."""
-    _only_for_nbd(table, "read_only", backend, source)
+    """Whether the device is read-only (an NBD export or an RBD snapshot may be)."""
+    if backend != "rbd":
+        _only_for_nbd(table, "read_only", backend, source)
     value = table.get("read_only", False)
     if not isinstance(value, bool):
         raise _invalid(source, "read_only", value, f"is {_kind(value)}", "use true or false")
+    if backend == "rbd" and "snapshot" in table and not value:
+        raise ConfigError(f"{source}: key 'snapshot' serves a snapshot, which is read-only; "
+                          f"add read_only = true, or remove 'snapshot' to serve the image")
     return value
+
+
+def _rbd_keys(table: dict[str, object], backend: str, source: Path) -> dict[str, object]:
+    """The rbd backend's keys: pool and image required, the rest with Ceph's defaults."""
+    if backend != "rbd":
+        for key in RBD_KEYS:
+            if key in table:
+                raise ConfigError(f"{source}: key '{key}' is only for backend = \"rbd\"; "
+                                  f"remove it")
+        return {}
+    keys = {key: _ceph_name(table, key, required=key in ("pool", "image"), source=source)
+            for key in ("pool", "image", "namespace", "snapshot")}
+    client = table.get("client", DEFAULT_CEPH_CLIENT)
+    if (not isinstance(client, str) or not _CEPH_CLIENT.fullmatch(client)
+            or client.startswith("client.")):
+        raise _invalid(source, "client", client, "is not a cephx id",
+                       'use the id without "client.", e.g. "admin" or "ublkd"')
+    return {**keys, "client": client,
+            "ceph_conf": _absolute_file(table, "ceph_conf", DEFAULT_CEPH_CONF, source),
+            "keyring": _absolute_file(table, "keyring", None, source),
+            "io_timeout": _seconds(table, "io_timeout", 0.0, source)}
+
+
+def _ceph_name(table: dict[str, object], key: str, required: bool, source: Path) -> str | None:
+    value = table.get(key)
+    if value is None:
+        if required:
+            raise ConfigError(f'{source}: key \'{key}\' is missing, and backend = "rbd" '
+                              f'needs it; e.g. pool = "rbd" and image = "vol0"')
+        return None
+    if not isinstance(value, str) or not _CEPH_NAME.fullmatch(value):
+        raise _invalid(source, key, value, "is not a Ceph name",
+                       "use a name without '/', '@' or control characters, e.g. \"vol0\"")
+    return value
+
+
+def _absolute_file(table: dict[str, object], key: str, default: str | None,
+                   source: Path) -> str | None:
+    value = table.get(key, default)
+    if value is not None and (not isinstance(value, str) or not value.startswith("/")):
+        raise _invalid(source, key, value, "is not an absolute path",
+                       'use a path like "/etc/ceph/ceph.conf"')
+    return value
+
+
+def _seconds(table: dict[str, object], key: str, default: float, source: Path) -> float:
+    value = table.get(key, default)
+    allowed = f"use a number of seconds from 0 (forever) to {int(MAX_RECONNECT_TIMEOUT)}"
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise _invalid(source, key, value, f"is {_kind(value)}", allowed)
+    if not 0 <= value <= MAX_RECONNECT_TIMEOUT:
+        raise _invalid(source, key, value, "is out of range", allowed)
+    return float(value)
 
 
 def _zero_copy(table: dict[str, object], backend: str, source: Path) -> bool:

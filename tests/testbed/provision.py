@@ -52,6 +52,14 @@ HOST_PACKAGES = (
     "nbd-client",
     "libnbd-bin",
     "libnbd-dev",
+    # A one-node Ceph cluster for the rbd backend's tests and benchmark
+    # (docs/rbd.md; tests/guest/ceph-cluster), the kernel's and rbd-nbd's
+    # mappings to compare with, and librbd's headers for the constants test.
+    "ceph-mon",
+    "ceph-osd",
+    "ceph-common",
+    "rbd-nbd",
+    "librbd-dev",
     # The D-Bus API's tests (tests/guest/test_dbus.py): polkit decides for
     # callers that are not root; pydbus (scripts/bootstrap) is the client.
     "polkitd",

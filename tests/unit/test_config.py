@@ -90,7 +90,7 @@ def test_size_must_be_a_multiple_of_the_block_size(size, block, nearest):
 def test_unknown_key_is_named_with_a_suggestion_and_the_known_keys():
     message = config_error(NULL_BACKEND + "queus = 2\n")
     assert "key 'queus' is unknown; did you mean 'queues'?" in message
-    assert "known keys: backend, id, logical_block_size, on_give_up, path," in message
+    assert "known keys: backend, ceph_conf, client, id, image, io_timeout," in message
 
 
 def test_tables_are_unknown_keys():
@@ -121,9 +121,9 @@ def test_bad_values_name_key_value_and_what_is_allowed(key, value, problem, allo
 
 
 def test_backend_is_required_and_checked():
-    assert ("key 'backend' is missing; use \"file\", \"null\" or \"nbd\""
+    assert ("key 'backend' is missing; use \"file\", \"null\", \"nbd\" or \"rbd\""
             in config_error("size = 4096\n"))
-    assert "key 'backend' = \"rbd\" is not allowed" in config_error('backend = "rbd"\n')
+    assert "key 'backend' = \"ceph\" is not allowed" in config_error('backend = "ceph"\n')
 
 
 def test_file_backend_needs_an_absolute_path():
@@ -395,9 +395,32 @@ def test_nbd_config_round_trips_through_json():
 
 def test_state_files_of_ublkd_0_1_lack_the_nbd_fields_and_still_load():
     data = parse(FILE_BACKEND).to_dict()
-    for key in ("uri", "reconnect_timeout", "read_only"):
-        del data[key]
+    data.pop("zero_copy", None)
+    assert not {"uri", "reconnect_timeout", "read_only", "pool", "image"} & set(data)
     assert DeviceConfig.from_dict(data) == parse(FILE_BACKEND)
+
+
+def test_an_rbd_config_keeps_its_keys_in_the_state_file():
+    config = parse('backend = "rbd"\npool = "rbd"\nimage = "vol0"\nclient = "ublkd"\n')
+    data = json.loads(json.dumps(config.to_dict()))
+    assert data["pool"] == "rbd" and data["ceph_conf"] == "/etc/ceph/ceph.conf"
+    assert DeviceConfig.from_dict(data) == config
+    assert config.rbd_spec == "rbd/vol0" and config.io_timeout == 0.0
+
+
+@pytest.mark.parametrize("text, problem", [
+    ('backend = "rbd"\nimage = "vol0"\n', "key 'pool' is missing"),
+    ('backend = "rbd"\npool = "rbd"\n', "key 'image' is missing"),
+    ('backend = "rbd"\npool = "rbd"\nimage = "a/b"\n', "is not a Ceph name"),
+    ('backend = "rbd"\npool = "rbd"\nimage = "v"\nsnapshot = "s"\n', "add read_only = true"),
+    ('backend = "rbd"\npool = "rbd"\nimage = "v"\nclient = "client.admin"\n',
+     'without "client."'),
+    ('backend = "rbd"\npool = "rbd"\nimage = "v"\nkeyring = "k"\n', "not an absolute path"),
+    ('backend = "rbd"\npool = "rbd"\nimage = "v"\nio_timeout = -1\n', "out of range"),
+    ('backend = "null"\nsize = 4096\npool = "rbd"\n', "only for backend = \"rbd\""),
+])
+def test_bad_rbd_keys_are_named(text, problem):
+    assert problem in config_error(text)
 
 
 def test_from_dict_rejects_a_read_only_that_is_not_a_boolean():

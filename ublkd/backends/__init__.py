@@ -32,15 +32,17 @@ class FastPath:
     """What the queue's C loop may serve by itself, without calling `submit`.
 
     kind "nbd": every request on the queue's own connection to `uri`
-    (backends/nbd.py); kind "file": READ/WRITE/FLUSH/DISCARD/WRITE_ZEROES on `fd`, exactly as
+    (backends/nbd.py); kind "rbd": every request through librbd on `image`
+    (backends/rbd.py); kind "file": READ/WRITE/FLUSH/DISCARD/WRITE_ZEROES on `fd`, exactly as
     FileBackend.submit would (io_uring, or pread/pwrite in the queue thread
     when `inline`; DISCARD and WRITE_ZEROES with the fallocate modes the
     file takes, see backends/file.py); kind "null": what NullBackend.submit
     answers.
     """
 
-    kind: str  # "file", "nbd" or "null"
+    kind: str  # "file", "nbd", "rbd" or "null"
     fd: int = -1
+    image: object = None  # rbd: the open image every queue starts its requests on
     uri: str = ""  # nbd: every queue connects to this export
     name: str = ""  # nbd: the connection's name in the server's logs
     reconnect_timeout: float = 0.0  # nbd: seconds I/O waits for a lost server; 0: forever
@@ -143,6 +145,10 @@ def _open_backend(config: DeviceConfig, may_create: bool) -> Backend:
         from ublkd.backends.nbd import NbdBackend
 
         return NbdBackend(config)
+    if config.backend == "rbd":
+        from ublkd.backends.rbd import RbdBackend
+
+        return RbdBackend(config)
     from ublkd.backends.file import FileBackend
 
     return FileBackend(config, may_create)

@@ -25,7 +25,7 @@ from cffi import FFI
 
 HEADER = "liburing.h"
 HERE = Path(__file__).resolve().parent
-C_SOURCES = (HERE / "ublkd_uring.c", HERE / "ublkd_nbd.c")
+C_SOURCES = (HERE / "ublkd_uring.c", HERE / "ublkd_nbd.c", HERE / "ublkd_rbd.c")
 # Every warning is an error: C mistakes on the per-I/O path are memory
 # corruption in a storage daemon, and a warning is often the only sign.
 C_WARNINGS = ("-Wall", "-Wextra", "-Werror")
@@ -45,7 +45,7 @@ int io_uring_submit_and_wait(struct io_uring *ring, unsigned wait_nr);
 """
 # Our part is read from the headers, between their "cffi begin" and "cffi end"
 # comments: C and Python declare it once.
-HEADERS = (HERE / "ublkd_uring.h", HERE / "ublkd_nbd.h")
+HEADERS = (HERE / "ublkd_uring.h", HERE / "ublkd_nbd.h", HERE / "ublkd_rbd.h")
 CFFI_PART = re.compile(r"/\* cffi begin \*/\n(.*?)/\* cffi end \*/", re.S)
 DEFINE = re.compile(r"^#define (\w+) .*$", re.M)
 
@@ -84,7 +84,8 @@ def make_ffibuilder() -> FFI:
         )
     builder = FFI()
     builder.cdef(CDEF)
-    builder.set_source("ublkd.kernel._uring", '#include "ublkd_uring.h"\n#include "ublkd_nbd.h"',
+    builder.set_source("ublkd.kernel._uring", '#include "ublkd_uring.h"\n#include "ublkd_nbd.h"\n'
+                       '#include "ublkd_rbd.h"',
                        sources=[os.path.relpath(source) for source in C_SOURCES],
                        include_dirs=[str(HERE)],
                        libraries=["uring"], extra_compile_args=list(C_WARNINGS))

@@ -197,6 +197,8 @@ class Queue:
                                   zero_range=fast.zero_range, mapping=self.backing_map)
         elif fast.kind == "null":
             loop.use_null_backend()
+        elif fast.kind == "rbd":
+            loop.use_rbd_backend(fast.image)
         elif fast.kind == "nbd":
             waiting = loop.use_nbd_backend(fast.uri, f"{fast.name}-q{self.q_id}",
                                            fast.reconnect_timeout)

@@ -558,6 +558,11 @@ static int ublkd_dispatch(struct ublkd_queue *q, unsigned tag, uint64_t now)
 		if (ret == -ENOSYS)
 			break;
 		return ret;
+	case UBLKD_KIND_RBD:
+		ret = ublkd_rbd_io(q, tag, d, buf);
+		if (ret == -ENOSYS)
+			break;
+		return ret;
 	case UBLKD_KIND_NULL:
 		if (op == UBLKD_OP_READ) {	/* the buffer may hold an old write */
 			memset(buf, 0, len);
@@ -602,6 +607,8 @@ static int ublkd_queue_handle(struct ublkd_queue *q, uint64_t now)
 		n++;
 		if (ud & UBLKD_NBD_POLL) {
 			ret = ublkd_nbd_polled(q, ud, cqe->res);
+		} else if (ud & UBLKD_RBD_WAKE) {
+			ret = ublkd_rbd_woken(q);
 		} else if (ud & UBLKD_BACKEND_IO) {
 			q->nr_io++;
 			ret = ublkd_queue_commit(q, tag, cqe->res);

@@ -20,9 +20,12 @@
 #define UBLKD_KIND_FILE 1
 #define UBLKD_KIND_NULL 2
 #define UBLKD_KIND_NBD 3
+#define UBLKD_KIND_RBD 4
 /* user_data of a poll on the NBD socket (ublkd_nbd.c): bit 0 POLLOUT, bits
  * 16-31 the connection's generation. */
 #define UBLKD_NBD_POLL (1ULL << 33)
+/* user_data of the read of an rbd queue's eventfd (ublkd_rbd.c) */
+#define UBLKD_RBD_WAKE (1ULL << 34)
 
 #define UBLKD_IO_RES_OK 0
 #define UBLKD_IO_RES_NEED_GET_DATA 1
@@ -43,6 +46,8 @@ struct ublkd_io_desc {
 
 struct nbd_handle;
 struct ublkd_nbd_request;
+struct ublkd_rbd_image;
+struct ublkd_rbd_queue;
 
 struct ublkd_queue {
 	struct io_uring *ring;
@@ -110,6 +115,8 @@ struct ublkd_queue {
 	unsigned nbd_nfailed;
 	uint64_t nbd_reconnects;
 	int64_t nbd_wait_ns;	/* while disconnected: wake the loop this often */
+	/* rbd backend (ublkd_rbd.c): requests in librbd, their completions */
+	struct ublkd_rbd_queue *rbd;
 };
 
 struct io_uring *ublkd_ring_new(unsigned entries, unsigned flags, int *err);
@@ -152,6 +159,9 @@ int ublkd_nbd_attach(struct ublkd_queue *q, const char *uri, const char *name,
 		     int64_t reconnect_timeout_ns, int *error_number, char *error,
 		     unsigned error_size);
 void ublkd_nbd_detach(struct ublkd_queue *q);
+/* ublkd_rbd.c */
+int ublkd_rbd_attach(struct ublkd_queue *q, struct ublkd_rbd_image *image);
+void ublkd_rbd_detach(struct ublkd_queue *q);
 /* cffi end */
 
 /* C only */
@@ -159,5 +169,7 @@ struct io_uring_sqe *ublkd_sqe(struct io_uring *ring, int *err);
 int ublkd_nbd_tick(struct ublkd_queue *q, uint64_t now);
 int ublkd_nbd_io(struct ublkd_queue *q, unsigned tag, const struct ublkd_io_desc *d, void *buf);
 int ublkd_nbd_polled(struct ublkd_queue *q, uint64_t user_data, int32_t res);
+int ublkd_rbd_io(struct ublkd_queue *q, unsigned tag, const struct ublkd_io_desc *d, void *buf);
+int ublkd_rbd_woken(struct ublkd_queue *q);
 
 #endif

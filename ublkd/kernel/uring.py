@@ -493,6 +493,13 @@ class QueueLoop:
             raise OSError(error_number[0], ffi.string(error).decode(errors="replace"))
         return ffi.string(error).decode(errors="replace") if ret > 0 else None
 
+    def use_rbd_backend(self, image: object) -> None:
+        """Serve every request through librbd on `image` (ublkd_rbd.c), which
+        the backend has opened and locked; it must outlive this loop."""
+        ret = lib.ublkd_rbd_attach(self._q, image)
+        if ret < 0:
+            raise OSError(-ret, f"cannot serve the rbd image: {os.strerror(-ret)}")
+
     def close(self) -> None:
         """Release the buffers (they can be closed after this); the ring stays the caller's."""
         if self._closed:
@@ -500,6 +507,7 @@ class QueueLoop:
         self._closed = True
         if hasattr(self, "_q"):
             lib.ublkd_nbd_detach(self._q)
+            lib.ublkd_rbd_detach(self._q)
             self._q.ring = ffi.NULL
         if self._descs is not None:
             ffi.release(self._descs)

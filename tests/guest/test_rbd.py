@@ -1,0 +1,160 @@
+"""The rbd backend against a one-node Ceph cluster in the guest (issue 12).
+
+The cluster (tests/guest/ceph-cluster: one monitor, one OSD on memstore,
+cephx) lives in /run/ublkd-test-ceph for the whole session; a test that
+finds it dead (a power-cycled guest) starts it again.  Each test makes its
+own image.  Commands that touch a device are bounded by `timeout`.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+
+import pytest
+
+from tests.guest.conftest import CHECKOUT
+from tests.guest.serving import (FioThroughExt4, device_status, kill_and_wait_live,
+                                 kill_worker_and_time_first_read, served_state, show,
+                                 write_config)
+
+CLUSTER = "/run/ublkd-test-ceph"
+CONF = f"{CLUSTER}/ceph.conf"
+CEPH = f"CEPH_CONF={CONF} timeout 120"
+MNT = "/mnt/vol0"
+IMAGES = itertools.count(1)
+
+
+@pytest.fixture
+def ceph(systemd_guest):
+    """A running cluster, and a maker of new images in pool "rbd"."""
+    guest = systemd_guest
+    if guest.run(f"pgrep -f '^ceph-osd -c {CONF}' >/dev/null && echo up | {CEPH} rados -p rbd "
+                 f"put ublkd-ready -", check=False).rc != 0:
+        guest.run(f"sh {CHECKOUT}/tests/guest/ceph-cluster start {CLUSTER}", timeout=300)
+    made: list[str] = []
+
+    def image(size: str = "256M") -> str:
+        name = f"img{next(IMAGES)}"
+        guest.run(f"{CEPH} rbd create rbd/{name} --size {size}")
+        made.append(name)
+        return name
+
+    yield image
+    guest.run("systemctl stop 'ublkd@*'; true", timeout=300)
+    for name in made:
+        guest.run(f"{CEPH} rbd rm --no-progress rbd/{name}", check=False)
+
+
+def rbd_config(image: str, extra: str = "") -> str:
+    return (f'backend = "rbd"\npool = "rbd"\nimage = "{image}"\nceph_conf = "{CONF}"\n'
+            f"{extra}")
+
+
+def start_rbd(guest, name: str, config: str, check: bool = True) -> dict | None:
+    """Write the config, let ublkd-generator allow TCP for it, start the unit."""
+    write_config(guest, name, config)
+    guest.run("systemctl daemon-reload")
+    result = guest.run(f"systemctl start ublkd@{name}", check=check, timeout=180)
+    return served_state(guest, name) if result.rc == 0 else None
+
+
+def test_an_image_serves_ext4_and_its_bytes_are_in_the_cluster(systemd_guest, ceph):
+    guest = systemd_guest
+    image = ceph("64M")
+    dev = start_rbd(guest, "vol0", rbd_config(image))["device"]
+    status = device_status(guest, "vol0")
+    assert status["backend"] == "rbd" and status["size"] == "64 MiB", status
+    guest.run(f"mkfs.ext4 -q {dev} && mkdir -p {MNT} && mount {dev} {MNT} && "
+              f"head -c 20M /dev/urandom > {MNT}/data && sync && umount {MNT}")
+    guest.run(f"{CEPH} rbd export --no-progress rbd/{image} /tmp/exported && "
+              f"timeout 60 cmp {dev} /tmp/exported; rc=$?; rm -f /tmp/exported; exit $rc")
+    guest.run("systemctl stop ublkd@vol0", timeout=180)
+    # Served anew, the file system is still there.
+    dev = start_rbd(guest, "vol0", rbd_config(image))["device"]
+    guest.run(f"timeout 120 e2fsck -fn {dev}")
+
+
+def test_kills_of_ublkd_under_fio_cost_applications_nothing(systemd_guest, ceph, journal,
+                                                             report):
+    """kill -9 of the worker (twice) and of the whole unit, under fio verify
+    through ext4: each recovery breaks the dead session's lock at once
+    instead of waiting ~30 s for its watch to expire."""
+    guest = systemd_guest
+    image = ceph()
+    dev = start_rbd(guest, "vol0", rbd_config(image, "queues = 2\n"))["device"]
+    application = FioThroughExt4(guest, dev, MNT)
+    gaps = []
+    for _ in range(2):
+        guest.run("sleep 2")
+        gaps.append(kill_worker_and_time_first_read(guest, "vol0", dev))
+    guest.run("sleep 2")
+    kill_and_wait_live(guest, "vol0", who="unit")
+    application.finish()
+    log = journal.of("ublkd@vol0")
+    assert len(re.findall(rf"vol0: recovered {dev}", log)) == 3, log
+    assert len(re.findall(r"breaking the exclusive lock of \S+ on rbd/", log)) >= 3, log
+    report(f"rbd: first read after kill -9 of the worker: "
+           f"{', '.join(f'{gap:.2f}' for gap in gaps)} s")
+
+
+def test_a_second_mapping_is_refused_while_the_first_is_alive(systemd_guest, ceph):
+    guest = systemd_guest
+    image = ceph("64M")
+    start_rbd(guest, "vol0", rbd_config(image))
+    assert start_rbd(guest, "vol1", rbd_config(image), check=False) is None
+    guest.run("sleep 2")
+    assert show(guest, "ublkd@vol1", "NRestarts", "ActiveState", "ExecMainStatus") == {
+        "NRestarts": "0", "ActiveState": "failed", "ExecMainStatus": "2"}
+    assert f"image rbd/{image} is in use" in guest.journal("-u", "ublkd@vol1", "-n", "20")
+    # krbd cannot take it either while ublkd holds it.
+    guest.run("systemctl stop ublkd@vol0", timeout=180)
+    guest.run("systemctl reset-failed ublkd@vol1")
+    assert start_rbd(guest, "vol1", rbd_config(image)) is not None
+
+
+def test_an_osd_restart_under_fio_costs_applications_nothing(systemd_guest, ceph):
+    guest = systemd_guest
+    image = ceph()
+    dev = start_rbd(guest, "vol0", rbd_config(image))["device"]
+    application = FioThroughExt4(guest, dev, MNT)
+    guest.run("sleep 2")
+    guest.run(f"sh {CHECKOUT}/tests/guest/ceph-cluster osd-stop {CLUSTER}", timeout=120)
+    guest.run("sleep 10")
+    guest.run(f"sh {CHECKOUT}/tests/guest/ceph-cluster osd-start {CLUSTER}", timeout=120)
+    application.finish()
+    assert show(guest, "ublkd@vol0", "NRestarts", "ActiveState") == {
+        "NRestarts": "0", "ActiveState": "active"}
+
+
+@pytest.mark.parametrize("change, status, message", [
+    ({"pool": "nopool"}, "2", "pool 'nopool' does not exist"),
+    ({"image": "noimage"}, "2", "image rbd/noimage does not exist"),
+    ({"client": "nobody"}, "2", "the cluster refused client.nobody"),
+    ({"ceph_conf": "/nonexistent/ceph.conf"}, "2", "cannot read the Ceph configuration"),
+    ({"size": "1GiB"}, "2", "smaller than size = 1 GiB"),
+])
+def test_a_wrong_config_fails_the_unit_without_restarts(systemd_guest, ceph, change, status,
+                                                        message):
+    guest = systemd_guest
+    image = ceph("64M")
+    keys = {"pool": "rbd", "image": image, "ceph_conf": CONF, **change}
+    config = 'backend = "rbd"\n' + "".join(f'{key} = "{value}"\n' for key, value in keys.items())
+    assert start_rbd(guest, "bad", config, check=False) is None
+    guest.run("sleep 2")
+    unit = show(guest, "ublkd@bad", "NRestarts", "ActiveState", "ExecMainStatus")
+    assert unit == {"NRestarts": "0", "ActiveState": "failed", "ExecMainStatus": status}
+    assert message in guest.journal("-u", "ublkd@bad", "-n", "20")
+    guest.run("systemctl reset-failed ublkd@bad")
+
+
+def test_an_unreachable_cluster_is_reported_and_retried(systemd_guest, ceph):
+    """Monitors that do not answer: a BackendError (exit 6), which systemd
+    retries, since the cluster may be on its way up."""
+    guest = systemd_guest
+    guest.run(f"sed 's/^mon_host = .*/mon_host = 127.0.0.1:1/' {CONF} > /tmp/down.conf")
+    config = rbd_config("img", "").replace(CONF, "/tmp/down.conf")
+    assert start_rbd(guest, "down", config, check=False) is None
+    assert show(guest, "ublkd@down", "ExecMainStatus") == {"ExecMainStatus": "6"}
+    assert "did not answer" in guest.journal("-u", "ublkd@down", "-n", "20")
+    guest.run("systemctl stop ublkd@down; systemctl reset-failed ublkd@down; rm /tmp/down.conf")
