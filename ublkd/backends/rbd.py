@@ -63,8 +63,9 @@ class Session:
 class RbdBackend(Backend):
     supports_discard = True
     supports_write_zeroes = True
-    # librbd's cache (rbd_cache, on by default) holds writes until a flush.
-    volatile_cache = True
+    # No volatile cache: librbd's is off (ublkd_rbd.c), a write is answered
+    # once the OSDs have it; a killed worker must not take writes with it.
+    volatile_cache = False
 
     def __init__(self, config: DeviceConfig):
         load_librbd(config)

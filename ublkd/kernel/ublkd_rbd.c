@@ -141,6 +141,13 @@ static int ublkd_rbd_connect(struct ublkd_rbd_image *img, const struct ublkd_rbd
 	if (ret < 0)
 		return ublkd_rbd_failed("setting the timeouts", ret, error_number, error,
 					error_size);
+	/* No librbd write-back cache: a write is answered once the OSDs have
+	 * it, as krbd does.  Writes answered from the cache of a worker that
+	 * is then killed were lost (fio verify in the guest, docs/rbd.md). */
+	ret = ublkd_rbd.rados_conf_set(img->cluster, "rbd_cache", "false");
+	if (ret < 0)
+		return ublkd_rbd_failed("turning librbd's cache off", ret, error_number, error,
+					error_size);
 	ret = ublkd_rbd.rados_connect(img->cluster);
 	if (ret < 0)
 		return ublkd_rbd_failed("connecting to the cluster", ret, error_number, error,
