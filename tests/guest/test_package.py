@@ -219,11 +219,13 @@ def test_deb_contents_dependencies_and_offline_install(debs, tmp_path):
     assert {"python3-cffi-backend", "python3-sdnotify", "python3-pystemd", "python3-pydbus",
             "liburing2", "python3"} <= depends, depends
     assert "python3-cffi" not in depends, depends  # the build needs it, nothing run imports it
-    # libnbd is loaded only for nbd devices: file devices pull nothing NBD.
-    assert not any("nbd" in name for name in depends), depends
+    # libnbd and librbd are loaded only for nbd and rbd devices: file devices
+    # pull nothing NBD and no Ceph.
+    assert not any(part in name for name in depends for part in ("nbd", "rbd", "rados",
+                                                                 "ceph")), depends
     suggests = subprocess.run(["dpkg-deb", "-f", str(deb), "Suggests"], check=True,
                               capture_output=True, text=True).stdout
-    assert "libnbd0" in suggests, suggests
+    assert "libnbd0" in suggests and "librbd1" in suggests, suggests
     # apt would install nothing but the package itself: the guest (no network)
     # finds every dependency installed.
     plan = subprocess.run(["apt-get", "install", "--simulate", "--no-install-recommends",
