@@ -325,7 +325,7 @@ class Device:
                      "recovery %s)", self.name, self.info.dev_id, self.config.backend,
                      self.info.nr_queues, self.info.queue_depth, self.config.recovery)
             self.serve_until_stopped()
-            self.hand_over_if_asked(undo)
+            self.hand_over_if_asked(undo, backend)
 
     def wanted_id(self, previous: DeviceState | None) -> int | None:
         """The configured id; else the id we had before, when it is free again."""
@@ -500,7 +500,7 @@ class Device:
             log.info("%s: recovered /dev/ublkb%d in %.2f s (recovery %d)", self.name,
                      info.dev_id, time.monotonic() - started, self.state.generation - 1)
             self.serve_until_stopped()
-            self.hand_over_if_asked(undo)
+            self.hand_over_if_asked(undo, backend)
 
     def keep_settings_of(self, previous: DeviceState) -> None:
         """Serve an existing device as it was created, whatever the config says now.
@@ -712,16 +712,17 @@ class Device:
                  "daemon", self.name, self.info.dev_id)
         return True
 
-    def hand_over_if_asked(self, undo: contextlib.ExitStack) -> None:
+    def hand_over_if_asked(self, undo: contextlib.ExitStack, backend: Backend) -> None:
         """SIGUSR2: leave the device LIVE-but-serverless to a new process.
 
         Backend I/O in flight is finished and committed; what the kernel
         hands us after that is left fetched, and the kernel re-issues it
         to the next server (recovery = "reissue": no error for anyone).
-        The device, its state file and the backend stay; the unit's
-        restart starts the successor, which recovers the device.  The
-        process must exit right after (the worker's os._exit): its exit
-        closes every queue's ring at once (Queue._stay_until_process_exit).
+        The device, its state file and the backend stay (only what the
+        backend claims is let go, Backend.let_go); the unit's restart starts
+        the successor, which recovers the device.  The process must exit
+        right after (the worker's os._exit): its exit closes every queue's
+        ring at once (Queue._stay_until_process_exit).
         """
         if not self.handing_over:
             return
@@ -733,6 +734,7 @@ class Device:
         for queue in self.queues:
             while queue.alive and not queue.handed_over.wait(0.1):
                 pass
+        backend.let_go()
         log.info("%s: handed /dev/ublkb%d over (the queues let go in %.0f ms); the next "
                  "ublkd recovers it", self.name, self.info.dev_id,
                  (time.monotonic() - letting_go) * 1000)

@@ -14,9 +14,9 @@ import re
 import pytest
 
 from tests.guest.conftest import CHECKOUT
-from tests.guest.serving import (FioThroughExt4, device_status, kill_and_wait_live,
-                                 kill_worker_and_time_first_read, served_state, show,
-                                 write_config)
+from tests.guest.serving import (UBLKD, FioThroughExt4, device_status, hand_over_pause,
+                                 kill_and_wait_live, kill_worker_and_time_first_read,
+                                 served_state, show, upgrade_under_fio, write_config)
 
 CLUSTER = "/run/ublkd-test-ceph"
 CONF = f"{CLUSTER}/ceph.conf"
@@ -159,3 +159,73 @@ def test_an_unreachable_cluster_is_reported_and_retried(systemd_guest, ceph):
     assert "did not answer" in log and "status=6/NOTCONFIGURED" in log, log
     assert "Scheduled restart job" in log, log
     guest.run("systemctl stop ublkd@down; systemctl reset-failed ublkd@down; rm /tmp/down.conf")
+
+
+def test_upgrade_hands_the_image_and_its_lock_over(systemd_guest, ceph, journal, report):
+    """`ublkd upgrade` under fio's verified writes: the successor opens the
+    image, waits for the old worker to let go of the lock (never breaks a
+    live one), and serves the same /dev/ublkbN with no failed write."""
+    guest = systemd_guest
+    status = start_rbd(guest, "vol0", rbd_config(ceph()))
+    job = upgrade_under_fio(guest, "vol0", status, runtime=10)
+    assert show(guest, "ublkd@vol0", "ActiveState")["ActiveState"] == "active"
+    assert "breaking the exclusive lock" not in journal.of("ublkd@vol0")
+    report(f"rbd hand-over: {hand_over_pause(job)}")
+
+
+def test_a_snapshot_is_served_read_only(systemd_guest, ceph):
+    guest = systemd_guest
+    image = ceph("64M")
+    guest.run(f"head -c 1M /dev/urandom > /tmp/snap-data && {CEPH} rbd import --no-progress "
+              f"/tmp/snap-data rbd/{image}-src && {CEPH} rbd resize --no-progress --size 64M "
+              f"rbd/{image}-src && {CEPH} rbd snap create "
+              f"rbd/{image}-src@s1 && {CEPH} rbd snap protect rbd/{image}-src@s1")
+    try:
+        config = (f'backend = "rbd"\npool = "rbd"\nimage = "{image}-src"\nsnapshot = "s1"\n'
+                  f'read_only = true\nceph_conf = "{CONF}"\n')
+        dev = start_rbd(guest, "snap", config)["device"]
+        guest.run(f"timeout 60 cmp -n 1048576 {dev} /tmp/snap-data")
+        assert guest.run(f"blockdev --getro {dev}").stdout.strip() == "1"
+        write = guest.run(f"timeout 60 dd if=/dev/zero of={dev} bs=4k count=1 oflag=direct",
+                          check=False)
+        assert write.rc != 0, write.describe()
+        guest.run("systemctl stop ublkd@snap", timeout=180)
+    finally:
+        guest.run(f"{CEPH} rbd snap unprotect rbd/{image}-src@s1; {CEPH} rbd snap purge "
+                  f"rbd/{image}-src; {CEPH} rbd rm --no-progress rbd/{image}-src; "
+                  f"rm -f /tmp/snap-data", check=False)
+
+
+def test_past_io_timeout_io_fails_and_the_daemon_stays(systemd_guest, ceph):
+    """The OSD gone for longer than io_timeout (30 s, past the unit's 20 s
+    watchdog): a read waits, then fails with EIO; the daemon, only waiting
+    for the cluster, is neither killed nor restarted, and serves again once
+    the OSD is back."""
+    guest = systemd_guest
+    dev = start_rbd(guest, "vol0", rbd_config(ceph("64M"), "io_timeout = 30\n"))["device"]
+    # Written first: librbd answers a read of an object never written
+    # without asking the OSD.
+    guest.run(f"timeout 60 dd if=/dev/urandom of={dev} bs=4k count=1 oflag=direct")
+    guest.run(f"sh {CHECKOUT}/tests/guest/ceph-cluster osd-stop {CLUSTER}", timeout=120)
+    try:
+        read = guest.run(f"timeout 120 dd if={dev} of=/dev/null bs=4k count=1 iflag=direct",
+                         check=False, timeout=180)
+        assert read.rc == 1 and "Input/output error" in read.stderr, read.describe()
+        assert show(guest, "ublkd@vol0", "NRestarts", "ActiveState") == {
+            "NRestarts": "0", "ActiveState": "active"}
+    finally:
+        guest.run(f"sh {CHECKOUT}/tests/guest/ceph-cluster osd-start {CLUSTER}", timeout=120)
+    guest.run(f"timeout 120 dd if={dev} of=/dev/null bs=4k count=1 iflag=direct")
+
+
+def test_without_librbd_an_rbd_device_names_the_package_to_install(systemd_guest):
+    """librbd hidden in a private mount namespace (the file backend needs none)."""
+    guest = systemd_guest
+    write_config(guest, "nolib", rbd_config("img"))
+    library = guest.run("readlink -f $(ldconfig -p | awk '/librbd.so.1 /{print $NF; exit}')"
+                        ).stdout.strip()
+    result = guest.run(f"unshare -m sh -c 'mount --bind /dev/null {library} && "
+                       f"exec {UBLKD} serve nolib'", check=False, timeout=120)
+    assert result.rc == 8, result.describe()
+    assert "needs librbd" in result.stderr and "apt-get install librbd1" in result.stderr, \
+        result.describe()

@@ -112,6 +112,11 @@ class Backend(ABC):
         let go.  Apart from opening, so that a successor opens and checks
         first, and only then tells the old server to let go."""
 
+    def let_go(self) -> None:  # noqa: B027 (a hook: most claims end with the process)
+        """At a hand-over, once the queues have nothing in flight: give up what
+        `claim` took and the process's exit would not (an rbd image's lock),
+        so that the successor's claim need not break it."""
+
     def close(self) -> None:  # noqa: B027 (a hook: a backend that holds nothing has none)
         """Release what open_backend took."""
 

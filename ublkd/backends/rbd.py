@@ -188,6 +188,17 @@ class RbdBackend(Backend):
         return BackendError(f"{self.config.name}: {step} of {self.config.rbd_spec} failed: "
                             f"{os.strerror(-result)}")
 
+    def let_go(self) -> None:
+        """The lock outlives a process that exits without closing the image."""
+        from ublkd.kernel._uring import lib
+
+        if self.locking:
+            result = lib.ublkd_rbd_lock_release(self.image)
+            if result < 0:
+                log.warning("%s: cannot release the lock of %s (%s); the successor breaks "
+                            "it once this process is gone", self.config.name,
+                            self.config.rbd_spec, os.strerror(-result))
+
     def close(self) -> None:
         """Close the image: librbd releases our lock with it."""
         from ublkd.kernel._uring import ffi, lib
