@@ -803,7 +803,15 @@ class Device:
                       if (since := queue.stalled_since()) is not None), default=moment)
         if moment - oldest <= limit:
             return None
-        return f"backend I/O unanswered for over {int((moment - oldest) // limit * limit)} s"
+        seconds = int((moment - oldest) // limit * limit)
+        if self.config.backend == "rbd":
+            return (f"degraded: the Ceph cluster has not answered I/O for over {seconds} s "
+                    f"(librbd retries{self.io_timeout_clause()})")
+        return f"backend I/O unanswered for over {seconds} s"
+
+    def io_timeout_clause(self) -> str:
+        timeout = self.config.io_timeout
+        return f"; EIO after io_timeout = {timeout:g} s" if timeout else ""
 
     def lost_backend(self) -> str | None:
         """What the queues say while their NBD server is gone, or None."""

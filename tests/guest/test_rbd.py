@@ -16,7 +16,8 @@ import pytest
 from tests.guest.conftest import CHECKOUT
 from tests.guest.serving import (UBLKD, FioThroughExt4, device_status, hand_over_pause,
                                  kill_and_wait_live, kill_worker_and_time_first_read,
-                                 served_state, show, upgrade_under_fio, write_config)
+                                 served_state, show, upgrade_under_fio, wait_in_guest,
+                                 write_config)
 
 CLUSTER = "/run/ublkd-test-ceph"
 CONF = f"{CLUSTER}/ceph.conf"
@@ -208,9 +209,16 @@ def test_past_io_timeout_io_fails_and_the_daemon_stays(systemd_guest, ceph):
     guest.run(f"timeout 60 dd if=/dev/urandom of={dev} bs=4k count=1 oflag=direct")
     guest.run(f"sh {CHECKOUT}/tests/guest/ceph-cluster osd-stop {CLUSTER}", timeout=120)
     try:
-        read = guest.run(f"timeout 120 dd if={dev} of=/dev/null bs=4k count=1 iflag=direct",
-                         check=False, timeout=180)
-        assert read.rc == 1 and "Input/output error" in read.stderr, read.describe()
+        guest.run(f"(timeout 120 dd if={dev} of=/dev/null bs=4k count=1 iflag=direct; "
+                  f"echo rc=$?) >/tmp/held-read 2>&1 &")
+        wait_in_guest(guest, "systemctl show -p StatusText --value ublkd@vol0 | "
+                             "grep -q degraded", timeout=60)
+        status = show(guest, "ublkd@vol0", "StatusText")["StatusText"]
+        assert re.search(r"the Ceph cluster has not answered I/O for over \d+ s \(librbd "
+                         r"retries; EIO after io_timeout = 30 s\)", status), status
+        wait_in_guest(guest, "grep -q rc= /tmp/held-read", timeout=120)
+        read = guest.run("cat /tmp/held-read").stdout
+        assert "rc=1" in read and "Input/output error" in read, read
         assert show(guest, "ublkd@vol0", "NRestarts", "ActiveState") == {
             "NRestarts": "0", "ActiveState": "active"}
     finally:
