@@ -23,6 +23,9 @@ Targets, all in the same guest, on the same backing file per backing:
   ublkd-nbd      ublkd's nbd backend on qemu-nbd (the disk's file) and nbdkit memory
   kernel-nbd     the kernel's NBD client (nbd-client -C 2): the reference for ublkd-nbd
   fio-nbd        fio's nbd engine (libnbd, no kernel): the limit (benchmarks/nbd.py)
+  ublkd-rbd      ublkd's rbd backend on a one-node Ceph cluster in the guest
+  krbd           the kernel's RBD client (rbd device map): the reference for ublkd-rbd
+  rbd-nbd        Ceph's rbd-nbd on the same image (benchmarks/rbd.py)
 Backings: "disk" = a file on ext4 on the guest's virtio disk (what a
 server has), "tmpfs" = a file in /dev/shm, "overlay" = a file in /var/tmp
 (the guest's tmpfs-backed overlay root).  For the ublkd targets the table
@@ -50,7 +53,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from benchmarks import nbd
+from benchmarks import nbd, rbd
 from tests.guest.serving import UBLKD, fio_jobs, ublkd, write_config
 from tests.testbed import Guest, GuestConfig, GuestError, prepare
 from tests.testbed.provision import KERNEL_LINES
@@ -89,12 +92,13 @@ JOBS = [
     Job("128k write qd32", "write", "128k", 32),
 ]
 
-TARGETS = ("ublkd-file", "ublkd-copy", "loop", "file", "ublkd-null", "null_blk", *nbd.TARGETS)
+TARGETS = ("ublkd-file", "ublkd-copy", "loop", "file", "ublkd-null", "null_blk", *nbd.TARGETS,
+           *rbd.TARGETS)
 KILL_KINDS = ("worker", "main", "unit")  # benchmarks/recovery_gap.py --kill
 
 # target -> the one its ratio is taken against
 REFERENCE = {"ublkd-file": "loop", "ublkd-copy": "loop", "ublkd-null": "null_blk",
-             "ublkd-nbd": "kernel-nbd"}
+             "ublkd-nbd": "kernel-nbd", "ublkd-rbd": "krbd"}
 
 
 @dataclass
@@ -159,6 +163,7 @@ class Run:
     daemons: dict[str, dict] = field(default_factory=dict)  # target/backing -> idle/peak RSS
     recovery: dict[str, dict] = field(default_factory=dict)  # kill kind -> gaps
     nbd_faults: list[dict] = field(default_factory=list)  # benchmarks/nbd.py
+    rbd_faults: list[dict] = field(default_factory=list)  # benchmarks/rbd.py
 
 
 def fio(guest: Guest, filename: str, job: Job, runtime: int, ramp: int) -> dict:
@@ -376,6 +381,7 @@ def summary(run: Run) -> str:
             lines.append(f"recovery gap ({kill}): FAILED: {gap['failure']}\n"
                          f"{gap.get('ublkd_log', '')}")
     lines += nbd.goal_lines(run.samples) + nbd.fault_lines(run.nbd_faults)
+    lines += rbd.goal_lines(run.samples) + rbd.fault_lines(run.rbd_faults)
     return "\n".join(lines)
 
 
@@ -462,6 +468,8 @@ def main(argv: list[str] | None = None) -> int:
             image = BACKINGS["disk"] if "disk" in args.backings else prepare_backing(guest,
                                                                                       "disk")
             nbd.bench_nbd(guest, image, args, run)
+        if set(args.targets) & set(rbd.TARGETS):
+            rbd.bench_rbd(guest, args, run)
         for kill in args.kill_kinds if args.kills else ():
             print(f"  recovery gap: {args.kills} kills ({kill}) ...",
                   file=sys.stderr, flush=True)
@@ -479,7 +487,7 @@ def main(argv: list[str] | None = None) -> int:
         "kernel": kernel.version, "runtime_s": args.runtime, "ramp_s": args.ramp,
         "queues": QUEUES, "depth": DEPTH,
         "samples": [asdict(s) for s in run.samples], "daemons": run.daemons,
-        "recovery": run.recovery, "nbd_faults": run.nbd_faults,
+        "recovery": run.recovery, "nbd_faults": run.nbd_faults, "rbd_faults": run.rbd_faults,
         "wall_s": round(time.monotonic() - started),
     }, indent=2))
     print(f"\nJSON: {args.json}; guest logs: {log_dir}; "
