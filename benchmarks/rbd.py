@@ -37,7 +37,7 @@ def start_cluster(guest: Guest, size_bytes: int) -> None:
 
     guest.run(f"sh {CHECKOUT}/tests/guest/ceph-cluster start {CLUSTER}", timeout=600)
     guest.run(f"{CEPH} rbd create {IMAGE} --size {size_bytes >> 20}M && {CEPH} rbd bench "
-              f"--no-progress --io-type write --io-size 4M --io-threads 4 --io-pattern seq "
+              f"--io-type write --io-size 4M --io-threads 4 --io-pattern seq "
               f"--io-total {size_bytes} {IMAGE} >/dev/null", timeout=1200)
 
 

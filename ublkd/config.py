@@ -116,9 +116,8 @@ class DeviceConfig:
 
     @property
     def rbd_spec(self) -> str:
-        """The image as the rbd tool names it: pool[/namespace]/image[@snapshot]."""
-        spec = "/".join(part for part in (self.pool, self.namespace, self.image) if part)
-        return f"{spec}@{self.snapshot}" if self.snapshot else spec
+        return rbd_spec(self.pool, self.namespace, self.image, self.snapshot)
+
 
     @classmethod
     def from_dict(cls, data: dict[str, object]) -> "DeviceConfig":
@@ -148,6 +147,13 @@ class DeviceConfig:
                 raise ValueError(f"config field '{field.name}' is {_show(data[field.name])}, "
                                  f"expected {getattr(field.type, '__name__', field.type)}")
         return config
+
+
+def rbd_spec(pool: str | None, namespace: str | None, image: str | None,
+             snapshot: str | None) -> str:
+    """An image as the rbd tool names it: pool[/namespace]/image[@snapshot]."""
+    spec = "/".join(part for part in (pool, namespace, image) if part)
+    return f"{spec}@{snapshot}" if snapshot else spec
 
 
 def conf_dir() -> Path:

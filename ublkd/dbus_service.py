@@ -195,7 +195,7 @@ def device_properties(row: dict, active_state: str) -> dict[str, Any]:
         "Id": row["id"] if has_device and row["id"] is not None else -1,
         "State": row["state"],
         "Backend": row["backend"] or "",
-        "Target": row["uri"] or row["path"] or "",
+        "Target": row["uri"] or row["path"] or row["image"] or "",
         "Size": row["size_bytes"] or 0,
         "RecoveryMode": row["recovery"] or "",
         "Generation": row["generation"] or 0,

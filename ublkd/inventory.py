@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 
 from ublkd import identity
-from ublkd.config import conf_dir, format_size, load_config, name_problem
+from ublkd.config import conf_dir, format_size, load_config, name_problem, rbd_spec
 from ublkd.errors import DeviceNotFoundError, UblkdError
 from ublkd.kernel import uapi
 from ublkd.kernel.control import ControlDevice, DeviceInfo, device_ids
@@ -62,6 +62,7 @@ def device_row(dev_id: int, name: str | None, info: DeviceInfo | None,
         "backend": config.get("backend"),
         "path": config.get("path"),
         "uri": config.get("uri"),
+        "image": rbd_image(config),
         "size": format_size(state.params["dev_sectors"] << 9) if state else None,
         "size_bytes": state.params["dev_sectors"] << 9 if state else None,
         "recovery": config.get("recovery"),
@@ -76,6 +77,14 @@ def device_row(dev_id: int, name: str | None, info: DeviceInfo | None,
     }
 
 
+def rbd_image(config: dict) -> str | None:
+    """An rbd device's image as the rbd tool names it, from its config's dict."""
+    if config.get("backend") != "rbd":
+        return None
+    return rbd_spec(config.get("pool"), config.get("namespace"), config.get("image"),
+                    config.get("snapshot"))
+
+
 def unserved_row(name: str) -> dict:
     """A configured device with no kernel device and no state: what its
     configuration says it would be.  A config that does not load (a typo, a
@@ -88,7 +97,8 @@ def unserved_row(name: str) -> dict:
         log.info("%s", error)
         return row
     row.update(backend=config.backend, path=None if config.path is None else str(config.path),
-               uri=config.uri, recovery=config.recovery, size_bytes=config.size,
+               uri=config.uri, image=rbd_image(config.to_dict()), recovery=config.recovery,
+               size_bytes=config.size,
                size=None if config.size is None else format_size(config.size))
     return row
 
