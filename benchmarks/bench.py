@@ -241,7 +241,8 @@ def start_daemon(guest: Guest, name: str, config: str) -> Daemon:
             return Daemon(guest, json.loads(status.stdout)["pid"], device, ticks)
         time.sleep(1)
     log = guest.run(f"cat /var/tmp/{name}.log").stdout
-    raise RuntimeError(f"ublkd serve {name} not LIVE:\n{log}")
+    raise RuntimeError(f"ublkd serve {name} not LIVE:\n{log}\nlast status: "
+                       f"{status.describe()}")
 
 
 def stop_daemon(guest: Guest, daemon: Daemon) -> None:

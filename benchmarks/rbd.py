@@ -99,8 +99,9 @@ def bench_rbd(guest: Guest, args, run) -> None:
 
 def stop_ublkd(guest: Guest) -> None:
     """SIGTERM to `ublkd serve` (its worker is a new one after the kills)."""
-    guest.run("pkill -TERM -f '^.*ublkd serve benchrbd'; "
-              "while pgrep -f 'ublkd serve benchrbd' >/dev/null; do sleep 0.2; done",
+    # "[u]": the pattern must not match this shell's own command line.
+    guest.run("pkill -TERM -f '[u]blkd serve benchrbd'; "
+              "while pgrep -f '[u]blkd serve benchrbd' >/dev/null; do sleep 0.2; done",
               timeout=300)
 
 

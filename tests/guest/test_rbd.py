@@ -1,7 +1,7 @@
 """The rbd backend against a one-node Ceph cluster in the guest (issue 12).
 
 The cluster (tests/guest/ceph-cluster: one monitor, one OSD on memstore,
-cephx) lives in /run/ublkd-test-ceph for the whole session; a test that
+cephx) lives in /run/ublkd-test-ceph for the whole module; a test that
 finds it dead (a power-cycled guest) starts it again.  Each test makes its
 own image.  Commands that touch a device are bounded by `timeout`.
 """
@@ -24,6 +24,15 @@ CONF = f"{CLUSTER}/ceph.conf"
 CEPH = f"CEPH_CONF={CONF} timeout 120"
 MNT = "/mnt/vol0"
 IMAGES = itertools.count(1)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def cluster_stopped_after_the_module(guest):
+    """The cluster's daemons (and the OSD's memory) do not outlive the module:
+    the tests after it measure the guest's CPU and memory."""
+    yield
+    guest.run(f"sh {CHECKOUT}/tests/guest/ceph-cluster stop {CLUSTER}", check=False,
+              timeout=300)
 
 
 @pytest.fixture
@@ -60,19 +69,31 @@ def start_rbd(guest, name: str, config: str, check: bool = True) -> dict | None:
     return served_state(guest, name) if result.rc == 0 else None
 
 
-def test_an_image_serves_ext4_and_its_bytes_are_in_the_cluster(systemd_guest, ceph):
+def test_an_image_serves_ext4_its_bytes_reach_the_cluster_and_it_is_mapped_once(
+        systemd_guest, ceph):
+    """ext4 on the device; `rbd export` reads back what the device holds; a
+    second device on the same image is refused while the first serves (exit 2,
+    no restarts), and serves the same file system once the first is gone."""
     guest = systemd_guest
     image = ceph("64M")
     dev = start_rbd(guest, "vol0", rbd_config(image))["device"]
     status = device_status(guest, "vol0")
     assert status["backend"] == "rbd" and status["size"] == "64 MiB", status
+    assert status["image"] == f"rbd/{image}", status
     guest.run(f"mkfs.ext4 -q {dev} && mkdir -p {MNT} && mount {dev} {MNT} && "
               f"head -c 20M /dev/urandom > {MNT}/data && sync && umount {MNT}")
     guest.run(f"{CEPH} rbd export --no-progress rbd/{image} /tmp/exported && "
               f"timeout 60 cmp {dev} /tmp/exported; rc=$?; rm -f /tmp/exported; exit $rc")
+
+    assert start_rbd(guest, "vol1", rbd_config(image), check=False) is None
+    guest.run("sleep 2")
+    assert show(guest, "ublkd@vol1", "NRestarts", "ActiveState", "ExecMainStatus") == {
+        "NRestarts": "0", "ActiveState": "failed", "ExecMainStatus": "2"}
+    assert f"image rbd/{image} is in use" in guest.journal("-u", "ublkd@vol1", "-n", "20")
+
     guest.run("systemctl stop ublkd@vol0", timeout=180)
-    # Served anew, the file system is still there.
-    dev = start_rbd(guest, "vol0", rbd_config(image))["device"]
+    guest.run("systemctl reset-failed ublkd@vol1")
+    dev = start_rbd(guest, "vol1", rbd_config(image))["device"]
     guest.run(f"timeout 120 e2fsck -fn {dev}")
 
 
@@ -99,21 +120,6 @@ def test_kills_of_ublkd_under_fio_cost_applications_nothing(systemd_guest, ceph,
            f"{', '.join(f'{gap:.2f}' for gap in gaps)} s")
 
 
-def test_a_second_mapping_is_refused_while_the_first_is_alive(systemd_guest, ceph):
-    guest = systemd_guest
-    image = ceph("64M")
-    start_rbd(guest, "vol0", rbd_config(image))
-    assert start_rbd(guest, "vol1", rbd_config(image), check=False) is None
-    guest.run("sleep 2")
-    assert show(guest, "ublkd@vol1", "NRestarts", "ActiveState", "ExecMainStatus") == {
-        "NRestarts": "0", "ActiveState": "failed", "ExecMainStatus": "2"}
-    assert f"image rbd/{image} is in use" in guest.journal("-u", "ublkd@vol1", "-n", "20")
-    # krbd cannot take it either while ublkd holds it.
-    guest.run("systemctl stop ublkd@vol0", timeout=180)
-    guest.run("systemctl reset-failed ublkd@vol1")
-    assert start_rbd(guest, "vol1", rbd_config(image)) is not None
-
-
 def test_an_osd_restart_under_fio_costs_applications_nothing(systemd_guest, ceph):
     guest = systemd_guest
     image = ceph()
@@ -128,38 +134,43 @@ def test_an_osd_restart_under_fio_costs_applications_nothing(systemd_guest, ceph
         "NRestarts": "0", "ActiveState": "active"}
 
 
-@pytest.mark.parametrize("change, status, message", [
-    ({"pool": "nopool"}, "2", "pool 'nopool' does not exist"),
-    ({"image": "noimage"}, "2", "image rbd/noimage does not exist"),
-    ({"client": "nobody"}, "2", "the cluster refused client.nobody"),
-    ({"ceph_conf": "/nonexistent/ceph.conf"}, "2", "cannot read the Ceph configuration"),
-    ({"size": "1GiB"}, "2", "smaller than size = 1 GiB"),
-])
-def test_a_wrong_config_fails_the_unit_without_restarts(systemd_guest, ceph, change, status,
-                                                        message):
+WRONG_CONFIGS = {  # device: (config keys changed, exit status, what the journal says)
+    "nopool": ({"pool": "nopool"}, "2", "pool 'nopool' does not exist"),
+    "noimage": ({"image": "noimage"}, "2", "image rbd/noimage does not exist"),
+    "noclient": ({"client": "nobody"}, "2", "the cluster refused client.nobody"),
+    "badkey": ({"keyring": "/tmp/wrong.keyring"}, "2", "the cluster refused client.admin"),
+    "noconf": ({"ceph_conf": "/nonexistent/ceph.conf"}, "2",
+               "cannot read the Ceph configuration"),
+    "toosmall": ({"size": "1GiB"}, "2", "smaller than size = 1 GiB"),
+    # Monitors that do not answer: exit 6, which systemd retries (the
+    # cluster may be on its way up).
+    "down": ({"ceph_conf": "/tmp/down.conf"}, "6", "did not answer"),
+}
+
+
+def test_wrong_configs_and_an_unreachable_cluster_fail_with_what_to_fix(systemd_guest, ceph):
+    """Every case at once (their units start side by side): a mistake in the
+    config exits 2 with no restart; an unreachable cluster exits 6 and is
+    retried."""
     guest = systemd_guest
     image = ceph("64M")
-    keys = {"pool": "rbd", "image": image, "ceph_conf": CONF, **change}
-    config = 'backend = "rbd"\n' + "".join(f'{key} = "{value}"\n' for key, value in keys.items())
-    assert start_rbd(guest, "bad", config, check=False) is None
-    guest.run("sleep 2")
-    unit = show(guest, "ublkd@bad", "NRestarts", "ActiveState", "ExecMainStatus")
-    assert unit == {"NRestarts": "0", "ActiveState": "failed", "ExecMainStatus": status}
-    assert message in guest.journal("-u", "ublkd@bad", "-n", "20")
-    guest.run("systemctl reset-failed ublkd@bad")
-
-
-def test_an_unreachable_cluster_is_reported_and_retried(systemd_guest, ceph):
-    """Monitors that do not answer: a BackendError (exit 6), which systemd
-    retries, since the cluster may be on its way up."""
-    guest = systemd_guest
-    guest.run(f"sed 's/^mon_host = .*/mon_host = 127.0.0.1:1/' {CONF} > /tmp/down.conf")
-    config = rbd_config("img", "").replace(CONF, "/tmp/down.conf")
-    assert start_rbd(guest, "down", config, check=False) is None
-    log = guest.journal("-u", "ublkd@down", "-n", "40")
-    assert "did not answer" in log and "status=6/NOTCONFIGURED" in log, log
-    assert "Scheduled restart job" in log, log
-    guest.run("systemctl stop ublkd@down; systemctl reset-failed ublkd@down; rm /tmp/down.conf")
+    guest.run(f"sed 's/^mon_host = .*/mon_host = 127.0.0.1:1/' {CONF} > /tmp/down.conf && "
+              f"ceph-authtool --create-keyring /tmp/wrong.keyring --gen-key -n client.admin "
+              f">/dev/null")
+    for name, (change, _, _) in WRONG_CONFIGS.items():
+        keys = {"pool": "rbd", "image": image, "ceph_conf": CONF, **change}
+        write_config(guest, name, 'backend = "rbd"\n' + "".join(
+            f'{key} = "{value}"\n' for key, value in keys.items()))
+    guest.run("systemctl daemon-reload")
+    units = " ".join(f"ublkd@{name}" for name in WRONG_CONFIGS)
+    guest.run(f"systemctl start {units}", check=False, timeout=180)
+    for name, (_, status, message) in WRONG_CONFIGS.items():
+        log = guest.journal("-u", f"ublkd@{name}", "-n", "40")
+        assert message in log and f"status={status}/" in log, log
+        restarts = show(guest, f"ublkd@{name}", "NRestarts")["NRestarts"]
+        assert (restarts == "0") == (status == "2"), (name, restarts)
+    guest.run(f"systemctl stop {units}; systemctl reset-failed {units}; "
+              f"rm /tmp/down.conf /tmp/wrong.keyring")
 
 
 def test_upgrade_hands_the_image_and_its_lock_over(systemd_guest, ceph, journal, report):
