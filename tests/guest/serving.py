@@ -128,6 +128,15 @@ def leftovers(guest: Guest) -> str:
     ).stdout.strip()
 
 
+def serve_without_library(guest: Guest, name: str, soname: str) -> Result:
+    """`ublkd serve NAME` with the library `soname` hidden (/dev/null bound over
+    it in a private mount namespace): what a machine without it sees."""
+    library = guest.run(f"readlink -f $(ldconfig -p | awk '/{soname} /{{print $NF; exit}}')"
+                        ).stdout.strip()
+    return guest.run(f"unshare -m sh -c 'mount --bind /dev/null {library} && "
+                     f"exec {UBLKD} serve {name}'", check=False, timeout=120)
+
+
 def show(guest, unit: str, *properties: str) -> dict[str, str]:
     out = guest.run(["systemctl", "show", unit, "-p", ",".join(properties)]).stdout
     return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)

@@ -11,8 +11,9 @@ import re
 
 import pytest
 
-from tests.guest.serving import (UBLKD, FioThroughExt4, device_status, kill_and_wait_live, show,
-                                 start, upgrade_under_fio, write_config)
+from tests.guest.serving import (FioThroughExt4, device_status, kill_and_wait_live,
+                                 serve_without_library, show, start, upgrade_under_fio,
+                                 write_config)
 
 RUN = "/run/ublkd-test-nbd"
 IMAGES = "/var/tmp/ublkd-test-nbd"
@@ -271,10 +272,7 @@ def test_without_libnbd_an_nbd_device_names_the_package_to_install(systemd_guest
     """libnbd hidden in a private mount namespace (the file backend needs none)."""
     guest = systemd_guest
     write_config(guest, "nolib", 'backend = "nbd"\nuri = "nbd+unix:///?socket=/run/none.sock"\n')
-    library = guest.run("readlink -f $(ldconfig -p | awk '/libnbd.so.0 /{print $NF; exit}')"
-                        ).stdout.strip()
-    result = guest.run(f"unshare -m sh -c 'mount --bind /dev/null {library} && "
-                       f"exec {UBLKD} serve nolib'", check=False, timeout=120)
+    result = serve_without_library(guest, "nolib", "libnbd.so.0")
     assert result.rc == 8, result.describe()
     assert "needs libnbd" in result.stderr and "apt-get install libnbd0" in result.stderr, \
         result.describe()

@@ -14,10 +14,10 @@ import re
 import pytest
 
 from tests.guest.conftest import CHECKOUT
-from tests.guest.serving import (UBLKD, FioThroughExt4, device_status, hand_over_pause,
+from tests.guest.serving import (FioThroughExt4, device_status, hand_over_pause,
                                  kill_and_wait_live, kill_worker_and_time_first_read,
-                                 served_state, show, upgrade_under_fio, wait_in_guest,
-                                 write_config)
+                                 serve_without_library, served_state, show,
+                                 upgrade_under_fio, wait_in_guest, write_config)
 
 CLUSTER = "/run/ublkd-test-ceph"
 CONF = f"{CLUSTER}/ceph.conf"
@@ -241,10 +241,7 @@ def test_without_librbd_an_rbd_device_names_the_package_to_install(systemd_guest
     """librbd hidden in a private mount namespace (the file backend needs none)."""
     guest = systemd_guest
     write_config(guest, "nolib", rbd_config("img"))
-    library = guest.run("readlink -f $(ldconfig -p | awk '/librbd.so.1 /{print $NF; exit}')"
-                        ).stdout.strip()
-    result = guest.run(f"unshare -m sh -c 'mount --bind /dev/null {library} && "
-                       f"exec {UBLKD} serve nolib'", check=False, timeout=120)
+    result = serve_without_library(guest, "nolib", "librbd.so.1")
     assert result.rc == 8, result.describe()
     assert "needs librbd" in result.stderr and "apt-get install librbd1" in result.stderr, \
         result.describe()

@@ -3,13 +3,11 @@ never built against): its constants and the callback's layout must be
 libnbd.h's.  libnbd-dev comes with scripts/bootstrap."""
 
 import re
-import shutil
-import subprocess
 from pathlib import Path
 
+from tests.unit.c_checks import KERNEL_DIR, assert_compiles
 from ublkd.kernel._uring import ffi, lib
 
-KERNEL_DIR = Path(__file__).resolve().parents[2] / "ublkd" / "kernel"
 LIBNBD_HEADER = Path("/usr/include/libnbd.h")
 
 
@@ -32,15 +30,9 @@ def checks_against_libnbd_h(names: list[str]) -> str:
 
 
 def test_constants_and_callback_match_libnbd_h(tmp_path):
-    assert shutil.which("gcc"), "gcc is missing: run scripts/bootstrap"
-    assert LIBNBD_HEADER.exists(), f"{LIBNBD_HEADER} is missing: run scripts/bootstrap"
     names = our_constants()
     assert len(names) >= 10
-    (tmp_path / "check.c").write_text(checks_against_libnbd_h(names))
-    result = subprocess.run(["gcc", "-Wall", "-Werror", "-c", "-I", str(KERNEL_DIR), "-o",
-                             str(tmp_path / "check.o"), str(tmp_path / "check.c")],
-                            capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr
+    assert_compiles(tmp_path, LIBNBD_HEADER, checks_against_libnbd_h(names))
 
 
 def test_a_missing_server_is_an_error_with_libnbd_s_message():

@@ -4,13 +4,11 @@ every function's type must be those of librbd.h and librados.h.
 librbd-dev comes with scripts/bootstrap."""
 
 import re
-import shutil
-import subprocess
 from pathlib import Path
 
+from tests.unit.c_checks import KERNEL_DIR, assert_compiles
 from ublkd.kernel._uring import ffi, lib
 
-KERNEL_DIR = Path(__file__).resolve().parents[2] / "ublkd" / "kernel"
 LIBRBD_HEADER = Path("/usr/include/rbd/librbd.h")
 # Functions whose parameters name librbd's own enum or struct, which C
 # does not count as the same type as ours: checked through the layout.
@@ -46,15 +44,9 @@ def checks_against_librbd_h(functions: list[str]) -> str:
 
 
 def test_constants_layout_and_functions_match_librbd_h(tmp_path):
-    assert shutil.which("gcc"), "gcc is missing: run scripts/bootstrap"
-    assert LIBRBD_HEADER.exists(), f"{LIBRBD_HEADER} is missing: run scripts/bootstrap"
     functions = our_functions()
     assert len(functions) >= 30
-    (tmp_path / "check.c").write_text(checks_against_librbd_h(functions))
-    result = subprocess.run(["gcc", "-Wall", "-Werror", "-c", "-I", str(KERNEL_DIR), "-o",
-                             str(tmp_path / "check.o"), str(tmp_path / "check.c")],
-                            capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr
+    assert_compiles(tmp_path, LIBRBD_HEADER, checks_against_librbd_h(functions))
 
 
 def test_a_missing_ceph_conf_is_an_error_naming_the_step():
