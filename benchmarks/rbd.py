@@ -81,6 +81,10 @@ def bench_rbd(guest: Guest, args, run) -> None:
             daemon = start_daemon(guest, "benchrbd", ublkd_config())
             run.samples += measure(guest, "ublkd-rbd", "ceph", daemon.device, args, daemon)
             run.rbd_faults.append(recovery_gap(guest, daemon.device))
+            # A new `ublkd serve`: the old one leaves the device to systemd
+            # after 6 kills of its worker within 60 s (supervisor.py).
+            stop_ublkd(guest)
+            daemon = start_daemon(guest, "benchrbd", ublkd_config())
             run.rbd_faults.append(kill_under_fio(guest, "ublkd-rbd", daemon.device,
                                                  f"$({serving_pid_command('benchrbd')})"))
             stop_ublkd(guest)
