@@ -1,7 +1,8 @@
 """The RBD part of `make bench`: ublkd's rbd backend against the kernel's
 RBD client (krbd, `rbd device map`) and rbd-nbd (librbd behind the kernel's
-NBD client) on the same image, plus what each does when its user-space
-daemon is killed under fio.
+NBD client) on the same image, and fio's rbd engine (librbd with no kernel
+in the way: the limit for a librbd-based server), plus what each daemon's
+death under fio does to applications.
 
 The cluster: tests/guest/ceph-cluster (one monitor, one memstore OSD, cephx)
 on the guest's loopback.  The image is written whole before the jobs, so
@@ -13,6 +14,7 @@ with zeros themselves).  Every device has no I/O scheduler; ublkd serves
 from __future__ import annotations
 
 import copy
+import json
 import statistics
 import sys
 
@@ -22,12 +24,14 @@ CLUSTER = "/run/bench-ceph"
 CONF = f"{CLUSTER}/ceph.conf"
 CEPH = f"CEPH_CONF={CONF} timeout 600"
 IMAGE = "rbd/bench"
-TARGETS = ("ublkd-rbd", "krbd", "rbd-nbd")
+TARGETS = ("ublkd-rbd", "krbd", "rbd-nbd", "fio-rbd")
 JOB_NAMES = ("4k randread qd1", "4k randread qd32", "4k randwrite qd1", "4k randwrite qd32",
              "128k read qd32", "128k write qd32")
 # The issue's goals: (job, reference, the least ratio of ublkd-rbd to it).
 GOALS = [*((job, "rbd-nbd", 1.0) for job in JOB_NAMES),
          ("4k randread qd32", "krbd", 0.8), ("4k randwrite qd32", "krbd", 0.8)]
+# Not goals: how close ublkd-rbd comes to librbd alone.
+LIMITS = [("4k randread qd32", "fio-rbd"), ("4k randwrite qd32", "fio-rbd")]
 KILLS = 5  # recovery gap: kill -9 of ublkd's worker, then a direct read
 FAULT_FIO_S = 30
 
@@ -97,8 +101,27 @@ def bench_rbd(guest: Guest, args, run) -> None:
                     run.rbd_faults.append(kill_under_fio(guest, tool, device,
                                                          "$(pgrep -x rbd-nbd)"))
                 unmap(guest, tool, device)
+        if "fio-rbd" in args.targets:
+            for job in args.jobs:
+                run.samples.append(fio_rbd_engine(guest, job, args.runtime, args.ramp))
     finally:
         stop_cluster(guest)
+
+
+def fio_rbd_engine(guest: Guest, job, runtime: int, ramp: int):
+    from benchmarks.bench import sample
+
+    pool, image = IMAGE.split("/")
+    result = guest.run(
+        f"CEPH_CONF={CONF} fio --name=bench --ioengine=rbd --clientname=admin --pool={pool} "
+        f"--rbdname={image} --rw={job.rw} --bs={job.bs} --iodepth={job.iodepth} "
+        f"--time_based --runtime={runtime} --ramp_time={ramp} --output-format=json",
+        timeout=runtime * 20 + 300)
+    s = sample("fio-rbd", "ceph", job, json.loads(result.stdout[result.stdout.index("{"):])[
+        "jobs"][0])
+    print(f"  {'fio-rbd':11} {'ceph':8} {job.name:19} {s.iops:9.0f} IOPS", file=sys.stderr,
+          flush=True)
+    return s
 
 
 def stop_ublkd(guest: Guest) -> None:
@@ -173,4 +196,9 @@ def goal_lines(samples) -> list[str]:
             ratio = ours / theirs
             lines.append(f"goal {job}: ublkd-rbd {ratio:.2f}x {reference} (goal >= {least}): "
                          f"{'met' if ratio >= least else 'NOT met'}")
+    for job, limit in LIMITS:
+        ours, theirs = by_key.get(("ublkd-rbd", job)), by_key.get((limit, job))
+        if ours and theirs:
+            lines.append(f"{job}: ublkd-rbd {ours / theirs:.2f}x {limit} (librbd alone); "
+                         f"krbd {by_key.get(('krbd', job), 0) / theirs:.2f}x {limit}")
     return lines
