@@ -481,14 +481,8 @@ def _reconnect_timeout(table: dict[str, object], backend: str, source: Path) -> 
     _only_for_nbd(table, "reconnect_timeout", backend, source)
     if backend != "nbd":
         return None
-    value = table.get("reconnect_timeout", DEFAULT_RECONNECT_TIMEOUT)
-    allowed = (f"use a number of seconds from 0 to {MAX_RECONNECT_TIMEOUT:.0f} "
-               "(0: hold I/O until the server is back, however long)")
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise _invalid(source, "reconnect_timeout", value, f"is {_kind(value)}", allowed)
-    if not 0 <= value <= MAX_RECONNECT_TIMEOUT:
-        raise _invalid(source, "reconnect_timeout", value, "is out of range", allowed)
-    return float(value)
+    return _seconds(table, "reconnect_timeout", DEFAULT_RECONNECT_TIMEOUT,
+                    "hold I/O until the server is back, however long", source)
 
 
 def _read_only(table: dict[str, object], backend: str, source: Path) -> bool:
@@ -522,7 +516,8 @@ def _rbd_keys(table: dict[str, object], backend: str, source: Path) -> dict[str,
     return {**keys, "client": client,
             "ceph_conf": _absolute_file(table, "ceph_conf", DEFAULT_CEPH_CONF, source),
             "keyring": _absolute_file(table, "keyring", None, source),
-            "io_timeout": _seconds(table, "io_timeout", 0.0, source)}
+            "io_timeout": _seconds(table, "io_timeout", 0.0,
+                                   "wait for the cluster however long", source)}
 
 
 def _ceph_name(table: dict[str, object], key: str, required: bool, source: Path) -> str | None:
@@ -547,9 +542,12 @@ def _absolute_file(table: dict[str, object], key: str, default: str | None,
     return value
 
 
-def _seconds(table: dict[str, object], key: str, default: float, source: Path) -> float:
+def _seconds(table: dict[str, object], key: str, default: float, zero_means: str,
+             source: Path) -> float:
+    """A number of seconds from 0 (whose meaning `zero_means` says) to a year."""
     value = table.get(key, default)
-    allowed = f"use a number of seconds from 0 (forever) to {int(MAX_RECONNECT_TIMEOUT)}"
+    allowed = (f"use a number of seconds from 0 to {MAX_RECONNECT_TIMEOUT:.0f} "
+               f"(0: {zero_means})")
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise _invalid(source, key, value, f"is {_kind(value)}", allowed)
     if not 0 <= value <= MAX_RECONNECT_TIMEOUT:

@@ -70,10 +70,9 @@ class RbdBackend(Backend):
     def __init__(self, config: DeviceConfig):
         load_librbd(config)
         self.config = config
-        self.image = None
-        self.image, self.size_of_image, features, address = open_image(config)
+        self.image, image_size, features, address = open_image(config)
         try:
-            self.size = device_size(config, self.size_of_image)
+            self.size = device_size(config, image_size)
         except BaseException:
             self.close()
             raise
@@ -201,9 +200,9 @@ class RbdBackend(Backend):
 
     def close(self) -> None:
         """Close the image: librbd releases our lock with it."""
-        from ublkd.kernel._uring import ffi, lib
+        from ublkd.kernel._uring import lib
 
-        if self.image is not None and self.image != ffi.NULL:
+        if self.image is not None:  # open_image never returns NULL
             lib.ublkd_rbd_close(self.image)
         self.image = None
 
