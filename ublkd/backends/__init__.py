@@ -13,7 +13,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 from ublkd.config import DeviceConfig
-from ublkd.errors import BackendError
+from ublkd.errors import BackendError, MissingDependencyError
 from ublkd.kernel.uring import Ring
 
 # Backends that connect to a server when they open and when their queues
@@ -119,6 +119,20 @@ class Backend(ABC):
 
     def close(self) -> None:  # noqa: B027 (a hook: a backend that holds nothing has none)
         """Release what open_backend took."""
+
+
+def load_library(config: DeviceConfig, name: str, what: str, packages: str) -> None:
+    """The client library a backend loads at run time (libnbd, librbd: their C
+    side's ublkd_<backend>_load), or MissingDependencyError naming the
+    package to install."""
+    from ublkd.kernel._uring import ffi, lib
+
+    error = ffi.new("char[]", 512)
+    if getattr(lib, f"ublkd_{config.backend}_load")(error, len(error)) != 0:
+        raise MissingDependencyError(
+            f"{config.source}: backend = \"{config.backend}\" needs {name}, {what}, which is "
+            f"not installed ({ffi.string(error).decode(errors='replace')}); install it: "
+            f"{packages}")
 
 
 def open_backend(config: DeviceConfig, may_create: bool = True,

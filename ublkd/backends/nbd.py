@@ -11,9 +11,9 @@ import errno
 import logging
 from dataclasses import dataclass
 
-from ublkd.backends import Backend, FastPath, Request
+from ublkd.backends import Backend, FastPath, Request, load_library
 from ublkd.config import DeviceConfig, format_size
-from ublkd.errors import BackendError, ConfigError, MissingDependencyError
+from ublkd.errors import BackendError, ConfigError
 from ublkd.kernel.uring import Ring
 
 log = logging.getLogger(__name__)
@@ -39,7 +39,7 @@ class Export:
 
 class NbdBackend(Backend):
     def __init__(self, config: DeviceConfig):
-        load_libnbd(config)
+        load_library(config, "libnbd", "the NBD client library", LIBNBD_PACKAGES)
         export = probe(config)
         self.uri = config.uri
         self.name = f"ublkd-{config.name}"
@@ -70,18 +70,6 @@ class NbdBackend(Backend):
     def fast_path(self) -> FastPath:
         return FastPath("nbd", uri=self.uri, name=self.name,
                         reconnect_timeout=self.config.reconnect_timeout or 0.0)
-
-
-def load_libnbd(config: DeviceConfig) -> None:
-    """libnbd, or MissingDependencyError naming the package."""
-    from ublkd.kernel._uring import ffi, lib
-
-    error = ffi.new("char[]", 512)
-    if lib.ublkd_nbd_load(error, len(error)) != 0:
-        raise MissingDependencyError(
-            f"{config.source}: backend = \"nbd\" needs libnbd, the NBD client library, which "
-            f"is not installed ({ffi.string(error).decode(errors='replace')}); install it: "
-            f"{LIBNBD_PACKAGES}")
 
 
 def probe(config: DeviceConfig) -> Export:

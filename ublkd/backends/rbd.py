@@ -24,9 +24,9 @@ import socket
 import time
 from dataclasses import dataclass
 
-from ublkd.backends import Backend, FastPath, Request
+from ublkd.backends import Backend, FastPath, Request, load_library
 from ublkd.config import DeviceConfig, format_size
-from ublkd.errors import BackendError, ConfigError, MissingDependencyError
+from ublkd.errors import BackendError, ConfigError
 from ublkd.kernel.uring import Ring
 
 log = logging.getLogger(__name__)
@@ -68,7 +68,7 @@ class RbdBackend(Backend):
     volatile_cache = False
 
     def __init__(self, config: DeviceConfig):
-        load_librbd(config)
+        load_library(config, "librbd", "Ceph's block device library", LIBRBD_PACKAGES)
         self.config = config
         self.image, image_size, features, address = open_image(config)
         try:
@@ -221,18 +221,6 @@ def process_exists(pid: int) -> bool:
     except PermissionError:
         return True
     return True
-
-
-def load_librbd(config: DeviceConfig) -> None:
-    """librbd, or MissingDependencyError naming the package."""
-    from ublkd.kernel._uring import ffi, lib
-
-    error = ffi.new("char[]", 512)
-    if lib.ublkd_rbd_load(error, len(error)) != 0:
-        raise MissingDependencyError(
-            f"{config.source}: backend = \"rbd\" needs librbd, Ceph's block device library, "
-            f"which is not installed ({ffi.string(error).decode(errors='replace')}); install "
-            f"it: {LIBRBD_PACKAGES}")
 
 
 def open_image(config: DeviceConfig) -> tuple[object, int, int, str]:
