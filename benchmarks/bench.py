@@ -26,7 +26,8 @@ Targets, all in the same guest, on the same backing file per backing:
   ublkd-rbd      ublkd's rbd backend on a one-node Ceph cluster in the guest
   krbd           the kernel's RBD client (rbd device map): the reference for ublkd-rbd
   rbd-nbd        Ceph's rbd-nbd on the same image (benchmarks/rbd.py)
-  fio-rbd        fio's rbd engine (librbd, no kernel): the limit for ublkd-rbd
+  fio-rbd        fio's rbd engine (librbd, no kernel, its cache off as in
+                 ublkd): the limit for ublkd-rbd
 Backings: "disk" = a file on ext4 on the guest's virtio disk (what a
 server has), "tmpfs" = a file in /dev/shm, "overlay" = a file in /var/tmp
 (the guest's tmpfs-backed overlay root).  For the ublkd targets the table
