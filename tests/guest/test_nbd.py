@@ -111,7 +111,7 @@ def test_upgrade_hands_over_with_a_server_that_takes_one_client(systemd_guest, s
     guest = systemd_guest
     server = servers("raw", options=("-e", "1"))
     status = start(guest, "vol0", f'backend = "nbd"\nuri = "{server.uri}"\n')
-    upgrade_under_fio(guest, "vol0", status, runtime=10)
+    upgrade_under_fio(guest, "vol0", status)
     assert show(guest, "ublkd@vol0", "ActiveState")["ActiveState"] == "active"
 
 

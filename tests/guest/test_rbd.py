@@ -9,6 +9,7 @@ own image.  Commands that touch a device are bounded by `timeout`.
 from __future__ import annotations
 
 import itertools
+import json
 import re
 
 import pytest
@@ -169,6 +170,8 @@ def test_wrong_configs_and_an_unreachable_cluster_fail_with_what_to_fix(systemd_
         assert message in log and f"status={status}/" in log, log
         restarts = show(guest, f"ublkd@{name}", "NRestarts")["NRestarts"]
         assert (restarts == "0") == (status == "2"), (name, restarts)
+    # "down" is connecting again (20 s); a stop would wait for that.
+    guest.run("systemctl stop --no-block ublkd@down; systemctl kill -s KILL ublkd@down || true")
     guest.run(f"systemctl stop {units}; systemctl reset-failed {units}; "
               f"rm /tmp/down.conf /tmp/wrong.keyring")
 
@@ -178,10 +181,14 @@ def test_upgrade_hands_the_image_and_its_lock_over(systemd_guest, ceph, journal,
     image, waits for the old worker to let go of the lock (never breaks a
     live one), and serves the same /dev/ublkbN with no failed write."""
     guest = systemd_guest
-    status = start_rbd(guest, "vol0", rbd_config(ceph()))
-    job = upgrade_under_fio(guest, "vol0", status, runtime=10)
+    image = ceph()
+    status = start_rbd(guest, "vol0", rbd_config(image))
+    job = upgrade_under_fio(guest, "vol0", status, runtime=20)
     assert show(guest, "ublkd@vol0", "ActiveState")["ActiveState"] == "active"
     assert "breaking the exclusive lock" not in journal.of("ublkd@vol0")
+    # The old worker closed the image: its watch did not stay to expire.
+    watchers = json.loads(guest.run(f"{CEPH} rbd status --format json rbd/{image}").stdout)
+    assert len(watchers["watchers"]) == 1, watchers
     report(f"rbd hand-over: {hand_over_pause(job)}")
 
 

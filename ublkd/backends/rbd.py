@@ -188,15 +188,17 @@ class RbdBackend(Backend):
                             f"{os.strerror(-result)}")
 
     def let_go(self) -> None:
-        """The lock outlives a process that exits without closing the image."""
+        """Close the image, releasing its lock and its watch: both would outlive
+        this process, which exits without closing, and the successor's first
+        update of the image (its session record) would wait 5 s for this
+        watch to answer."""
         from ublkd.kernel._uring import lib
 
-        if self.locking:
-            result = lib.ublkd_rbd_lock_release(self.image)
-            if result < 0:
-                log.warning("%s: cannot release the lock of %s (%s); the successor breaks "
-                            "it once this process is gone", self.config.name,
-                            self.config.rbd_spec, os.strerror(-result))
+        result = lib.ublkd_rbd_let_go(self.image)
+        if result < 0:
+            log.warning("%s: cannot close %s (%s); the successor breaks its lock once this "
+                        "process is gone", self.config.name, self.config.rbd_spec,
+                        os.strerror(-result))
 
     def close(self) -> None:
         """Close the image: librbd releases our lock with it."""

@@ -58,7 +58,7 @@ static const struct ublkd_rbd_symbol ublkd_rbd_symbols[] = {
 	SYMBOL(rados_ioctx_destroy), SYMBOL(rados_ioctx_set_namespace),
 	SYMBOL(rados_get_instance_id), SYMBOL(rados_getaddrs), SYMBOL(rados_buffer_free),
 	SYMBOL(rbd_open), SYMBOL(rbd_open_read_only), SYMBOL(rbd_close), SYMBOL(rbd_get_size),
-	SYMBOL(rbd_get_features), SYMBOL(rbd_lock_acquire), SYMBOL(rbd_lock_release),
+	SYMBOL(rbd_get_features), SYMBOL(rbd_lock_acquire),
 	SYMBOL(rbd_lock_get_owners), SYMBOL(rbd_lock_get_owners_cleanup), SYMBOL(rbd_lock_break),
 	SYMBOL(rbd_metadata_get), SYMBOL(rbd_metadata_set), SYMBOL(rbd_watchers_list),
 	SYMBOL(rbd_watchers_list_cleanup), SYMBOL(rbd_aio_create_completion),
@@ -268,9 +268,18 @@ int ublkd_rbd_lock_acquire(struct ublkd_rbd_image *img)
 	return ublkd_rbd.rbd_lock_acquire(img->image, UBLKD_RBD_LOCK_MODE_EXCLUSIVE);
 }
 
-int ublkd_rbd_lock_release(struct ublkd_rbd_image *img)
+/* A hand-over: close the image, its lock and its watch with it, and keep
+ * the session for the exit that follows.  A watch left to expire with the
+ * process made the successor's first metadata update wait librbd's 5 s
+ * notify timeout for an answer that never came. */
+int ublkd_rbd_let_go(struct ublkd_rbd_image *img)
 {
-	return ublkd_rbd.rbd_lock_release(img->image);
+	int ret = 0;
+
+	if (img->image)
+		ret = ublkd_rbd.rbd_close(img->image);
+	img->image = NULL;
+	return ret;
 }
 
 /* The addresses of the clients watching the image's header (every client

@@ -50,7 +50,6 @@ struct ublkd_rbd_api {
 	int (*rbd_get_size)(void *image, uint64_t *size);
 	int (*rbd_get_features)(void *image, uint64_t *features);
 	int (*rbd_lock_acquire)(void *image, int lock_mode);
-	int (*rbd_lock_release)(void *image);
 	int (*rbd_lock_get_owners)(void *image, int *lock_mode, char **owners, size_t *max);
 	void (*rbd_lock_get_owners_cleanup)(char **owners, size_t count);
 	int (*rbd_lock_break)(void *image, int lock_mode, const char *owner);
@@ -108,7 +107,7 @@ void ublkd_rbd_close(struct ublkd_rbd_image *image);
 int ublkd_rbd_lock_owners(struct ublkd_rbd_image *image, char *owners, unsigned size);
 int ublkd_rbd_lock_break(struct ublkd_rbd_image *image, const char *owner);
 int ublkd_rbd_lock_acquire(struct ublkd_rbd_image *image);
-int ublkd_rbd_lock_release(struct ublkd_rbd_image *image);
+int ublkd_rbd_let_go(struct ublkd_rbd_image *image);
 int ublkd_rbd_watchers(struct ublkd_rbd_image *image, char *addrs, unsigned size);
 int ublkd_rbd_metadata_get(struct ublkd_rbd_image *image, const char *key, char *value,
 			   unsigned size);
