@@ -121,6 +121,34 @@ def test_kills_of_ublkd_under_fio_cost_applications_nothing(systemd_guest, ceph,
            f"{', '.join(f'{gap:.2f}' for gap in gaps)} s")
 
 
+def test_a_cephx_user_of_its_own_serves_an_image_in_a_namespace_across_a_kill(
+        systemd_guest, ceph, journal):
+    """What a cluster's admin hands out: client.ublkd with `profile rbd` on one
+    namespace only, and its own keyring file.  The bytes written survive a
+    kill -9 of the worker, whose recovery breaks the dead session's lock
+    (the profile's blocklist right) instead of waiting for its watch."""
+    guest = systemd_guest
+    spec = "rbd/ns1/vol"
+    guest.run(f"{CEPH} rbd namespace create rbd/ns1 && {CEPH} rbd create {spec} --size 64M && "
+              f"{CEPH} ceph auth get-or-create client.ublkd mon 'profile rbd' "
+              f"osd 'profile rbd pool=rbd namespace=ns1' -o /tmp/ublkd.keyring")
+    try:
+        config = rbd_config("vol", 'namespace = "ns1"\nclient = "ublkd"\n'
+                                   'keyring = "/tmp/ublkd.keyring"\n')
+        dev = start_rbd(guest, "vol0", config)["device"]
+        assert device_status(guest, "vol0")["image"] == spec
+        guest.run(f"head -c 4M /dev/urandom > /tmp/ns-data && timeout 60 dd if=/tmp/ns-data "
+                  f"of={dev} bs=1M oflag=direct status=none")
+        kill_worker_and_time_first_read(guest, "vol0", dev)
+        guest.run(f"timeout 60 cmp -n 4194304 {dev} /tmp/ns-data")
+        assert re.search(rf"breaking the exclusive lock of \S+ on {spec}", journal.of("ublkd@vol0"))
+        guest.run("systemctl stop ublkd@vol0", timeout=180)
+    finally:
+        guest.run(f"systemctl stop ublkd@vol0; {CEPH} rbd rm --no-progress {spec}; "
+                  f"{CEPH} rbd namespace remove rbd/ns1; {CEPH} ceph auth del client.ublkd; "
+                  f"rm -f /tmp/ublkd.keyring /tmp/ns-data", check=False, timeout=300)
+
+
 def test_an_osd_restart_under_fio_costs_applications_nothing(systemd_guest, ceph):
     guest = systemd_guest
     image = ceph()
