@@ -254,6 +254,31 @@ def test_a_snapshot_is_served_read_only(systemd_guest, ceph):
                   f"rm -f /tmp/snap-data", check=False)
 
 
+def test_a_read_only_device_serves_beside_a_writer_with_a_read_only_cephx_user(
+        systemd_guest, ceph):
+    """`read_only = true` opens the image read-only (`rbd device map
+    --read-only`): no lock, so the image's writer keeps it, and a user with
+    `profile rbd-read-only` suffices; what the writer wrote is read back."""
+    guest = systemd_guest
+    image = ceph("64M")
+    guest.run(f"{CEPH} ceph auth get-or-create client.reader mon 'profile rbd' "
+              f"osd 'profile rbd-read-only pool=rbd' -o /tmp/reader.keyring")
+    try:
+        writer = start_rbd(guest, "vol0", rbd_config(image))["device"]
+        guest.run(f"head -c 1M /dev/urandom > /tmp/ro-data && timeout 60 dd if=/tmp/ro-data "
+                  f"of={writer} bs=1M oflag=direct status=none")
+        reader = start_rbd(guest, "ro", rbd_config(image, 'read_only = true\nclient = "reader"\n'
+                                                          'keyring = "/tmp/reader.keyring"\n'))
+        guest.run(f"timeout 60 cmp -n 1048576 {reader['device']} /tmp/ro-data")
+        guest.run(f"timeout 60 dd if=/dev/urandom of={writer} bs=4k count=16 oflag=direct")
+        assert show(guest, "ublkd@vol0", "NRestarts", "ActiveState") == {
+            "NRestarts": "0", "ActiveState": "active"}
+        assert "breaking the exclusive lock" not in guest.journal("-u", "ublkd@vol0")
+    finally:
+        guest.run(f"systemctl stop ublkd@ro; {CEPH} ceph auth del client.reader; "
+                  f"rm -f /tmp/reader.keyring /tmp/ro-data", check=False, timeout=300)
+
+
 def test_past_io_timeout_io_fails_and_the_daemon_stays(systemd_guest, ceph):
     """The OSD gone for longer than io_timeout (30 s, past the unit's 20 s
     watchdog): a read waits, then fails with EIO; the daemon, only waiting

@@ -235,7 +235,8 @@ def open_image(config: DeviceConfig) -> tuple[object, int, int, str]:
     target = ffi.new("struct ublkd_rbd_target *", {
         "conf": strings[0], "client": strings[1], "keyring": strings[2], "pool": strings[3],
         "name_space": strings[4], "image": strings[5], "snapshot": strings[6],
-        "connect_timeout": CONNECT_TIMEOUT, "io_timeout": int(config.io_timeout or 0)})
+        "read_only": int(config.read_only), "connect_timeout": CONNECT_TIMEOUT,
+        "io_timeout": int(config.io_timeout or 0)})
     facts = ffi.new("struct ublkd_rbd_facts *")
     error = ffi.new("char[]", 512)
     error_number = ffi.new("int *")

@@ -169,7 +169,7 @@ static void ublkd_rbd_describe_session(struct ublkd_rbd_image *img,
 	}
 }
 
-/* Connect and open the image (at `snapshot`, read-only, if given).  Blocking:
+/* Connect and open the image (read-only if asked, at `snapshot` if given).  Blocking:
  * Python calls it with the GIL released.  NULL on failure, with the errno
  * and the step that failed. */
 struct ublkd_rbd_image *ublkd_rbd_open(const struct ublkd_rbd_target *t,
@@ -192,7 +192,7 @@ struct ublkd_rbd_image *ublkd_rbd_open(const struct ublkd_rbd_target *t,
 	if (ret == 0) {
 		if (t->name_space)
 			ublkd_rbd.rados_ioctx_set_namespace(img->io, t->name_space);
-		ret = t->snapshot
+		ret = t->read_only
 			? ublkd_rbd.rbd_open_read_only(img->io, t->image, &img->image, t->snapshot)
 			: ublkd_rbd.rbd_open(img->io, t->image, &img->image, NULL);
 		if (ret < 0)

@@ -76,8 +76,11 @@ struct ublkd_rbd_image;
 
 /* cffi begin */
 /* Where an image is and who opens it: the config's keys (NULL: Ceph's
- * default).  io_timeout: seconds an OSD or monitor request may take before
- * it fails (librados' rados_osd_op_timeout); 0: forever. */
+ * default).  read_only: opened read-only (always with a snapshot), as
+ * `rbd device map --read-only` does: no lock, and a cephx user with only
+ * `profile rbd-read-only` may serve it.  io_timeout: seconds an OSD or
+ * monitor request may take before it fails (librados'
+ * rados_osd_op_timeout); 0: forever. */
 struct ublkd_rbd_target {
 	const char *conf;
 	const char *client;
@@ -86,6 +89,7 @@ struct ublkd_rbd_target {
 	const char *name_space;
 	const char *image;
 	const char *snapshot;
+	int read_only;
 	int connect_timeout;
 	int io_timeout;
 };
