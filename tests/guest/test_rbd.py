@@ -255,7 +255,7 @@ def test_a_snapshot_is_served_read_only(systemd_guest, ceph):
 
 
 def test_a_read_only_device_serves_beside_a_writer_with_a_read_only_cephx_user(
-        systemd_guest, ceph):
+        systemd_guest, ceph, journal):
     """`read_only = true` opens the image read-only (`rbd device map
     --read-only`): no lock, so the image's writer keeps it, and a user with
     `profile rbd-read-only` suffices; what the writer wrote is read back."""
@@ -273,7 +273,7 @@ def test_a_read_only_device_serves_beside_a_writer_with_a_read_only_cephx_user(
         guest.run(f"timeout 60 dd if=/dev/urandom of={writer} bs=4k count=16 oflag=direct")
         assert show(guest, "ublkd@vol0", "NRestarts", "ActiveState") == {
             "NRestarts": "0", "ActiveState": "active"}
-        assert "breaking the exclusive lock" not in guest.journal("-u", "ublkd@vol0")
+        assert "breaking the exclusive lock" not in journal.of("ublkd@vol0")
     finally:
         guest.run(f"systemctl stop ublkd@ro; {CEPH} ceph auth del client.reader; "
                   f"rm -f /tmp/reader.keyring /tmp/ro-data", check=False, timeout=300)
