@@ -114,8 +114,10 @@ class Backend(ABC):
 
     def let_go(self) -> None:  # noqa: B027 (a hook: most claims end with the process)
         """At a hand-over, once the queues have nothing in flight: give up what
-        `claim` took and the process's exit would not (an rbd image's lock),
-        so that the successor's claim need not break it."""
+        `claim` took and the process's exit would not, or not at once (an rbd
+        image's lock, and its watch, which would make the successor's first
+        update of the image wait for it), so that the successor's claim need
+        not break or wait for anything."""
 
     def close(self) -> None:  # noqa: B027 (a hook: a backend that holds nothing has none)
         """Release what open_backend took."""
