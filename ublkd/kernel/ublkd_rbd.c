@@ -220,8 +220,7 @@ void ublkd_rbd_close(struct ublkd_rbd_image *img)
 {
 	if (!img)
 		return;
-	if (img->image)
-		ublkd_rbd.rbd_close(img->image);
+	ublkd_rbd_let_go(img);	/* the image first, as at a hand-over */
 	if (img->io)
 		ublkd_rbd.rados_ioctx_destroy(img->io);
 	if (img->cluster)
