@@ -5,7 +5,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/ioctl.h>
+#include <sys/socket.h>
 
 #include "ublkd_nbd.h"
 #include "ublkd_uring.h"
@@ -517,23 +517,38 @@ int ublkd_nbd_io(struct ublkd_queue *q, unsigned tag, const struct ublkd_io_desc
 	return ublkd_nbd_arm(q);
 }
 
+/* Whether libnbd's next recv() on the socket returns at once: with bytes,
+ * the end of the stream or an error.  A POLLIN completion does not say so:
+ * io_uring completes a poll with the mask of the wake-up that fired it, and
+ * by the time its CQE is handled this thread may have read those bytes
+ * already (seen in the guest under load: a POLLIN CQE on an empty socket,
+ * then a device whose next request was never sent, docs/nbd.md section 5).
+ * MSG_PEEK rather than FIONREAD: FIONREAD says 0 at the end of the stream
+ * too, and libnbd must read that end to notice a server that went away. */
+static int ublkd_nbd_recv_ready(int fd)
+{
+	char byte;
+	ssize_t r = recv(fd, &byte, 1, MSG_PEEK | MSG_DONTWAIT);
+
+	return r >= 0 || (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR);
+}
+
 /* The socket is readable: let libnbd read every reply already there.
  * libnbd reads one reply per nbd_aio_notify_read and then waits for the
  * next notification, however many more are queued; read them all in this
  * wake, so that their commits go out in one io_uring_enter and the poll
- * is armed once, not once per reply (docs/performance.md, "NBD").  Only
- * while the socket holds bytes: a notify_read on an empty socket leaves
- * libnbd waiting inside a reply, and it sends no new command until the
- * next reply comes, which may be never. */
+ * is armed once, not once per reply (docs/performance.md, "NBD").  Never
+ * on an empty socket: there libnbd's recv() of a reply header fails with
+ * EAGAIN and leaves it in REPLY.START, where it sends no new command until
+ * a reply comes; with nothing in flight none ever comes, and the next
+ * request waits forever. */
 static void ublkd_nbd_read_replies(struct ublkd_queue *q)
 {
 	unsigned n;
-	int queued;
 
-	for (n = 0; n < q->depth; n++) {
+	for (n = 0; n < q->depth && ublkd_nbd_recv_ready(q->nbd_fd); n++) {
 		ublkd_nbd.aio_notify_read(q->nbd);
-		if (ublkd_nbd.aio_is_ready(q->nbd) != 1 ||
-		    ioctl(q->nbd_fd, FIONREAD, &queued) < 0 || queued <= 0)
+		if (ublkd_nbd.aio_is_ready(q->nbd) != 1)
 			return;
 	}
 }
