@@ -522,7 +522,8 @@ int ublkd_nbd_io(struct ublkd_queue *q, unsigned tag, const struct ublkd_io_desc
  * io_uring completes a poll with the mask of the wake-up that fired it, and
  * by the time its CQE is handled this thread may have read those bytes
  * already (seen in the guest under load: a POLLIN CQE on an empty socket,
- * then a device whose next request was never sent, docs/nbd.md section 5).
+ * then a device whose next request was never sent: docs/nbd.md section 1,
+ * "Replies").
  * MSG_PEEK rather than FIONREAD: FIONREAD says 0 at the end of the stream
  * too, and libnbd must read that end to notice a server that went away. */
 static int ublkd_nbd_recv_ready(int fd)
