@@ -21,6 +21,8 @@ Targets, all in the same guest, on the same backing file per backing:
   ublkd-null     ublkd's null backend
   null_blk       the kernel's null_blk (no interrupts): the reference for ublkd-null
   ublkd-nbd      ublkd's nbd backend on qemu-nbd (the disk's file) and nbdkit memory
+  ublkd-nbd-poll the same with poll_us = 1000: queue threads that poll
+                 instead of sleeping while I/O flows
   kernel-nbd     the kernel's NBD client (nbd-client -C 2): the reference for ublkd-nbd
   fio-nbd        fio's nbd engine (libnbd, no kernel): the limit (benchmarks/nbd.py)
   ublkd-rbd      ublkd's rbd backend on a one-node Ceph cluster in the guest
@@ -100,7 +102,7 @@ KILL_KINDS = ("worker", "main", "unit")  # benchmarks/recovery_gap.py --kill
 
 # target -> the one its ratio is taken against
 REFERENCE = {"ublkd-file": "loop", "ublkd-copy": "loop", "ublkd-null": "null_blk",
-             "ublkd-nbd": "kernel-nbd", "ublkd-rbd": "krbd"}
+             "ublkd-nbd": "kernel-nbd", "ublkd-nbd-poll": "kernel-nbd", "ublkd-rbd": "krbd"}
 
 
 @dataclass

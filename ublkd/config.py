@@ -27,8 +27,9 @@ SOURCE_EXAMPLE_CONFIG = "conf/vol0.toml.example"
 
 KNOWN_KEYS = (
     "backend", "ceph_conf", "client", "id", "image", "io_timeout", "keyring",
-    "logical_block_size", "namespace", "on_give_up", "path", "pool", "queue_depth", "queues",
-    "read_only", "reconnect_timeout", "recovery", "size", "snapshot", "uri", "zero_copy",
+    "logical_block_size", "namespace", "on_give_up", "path", "poll_us", "pool", "queue_depth",
+    "queues", "read_only", "reconnect_timeout", "recovery", "size", "snapshot", "uri",
+    "zero_copy",
 )
 BACKENDS = ("file", "null", "nbd", "rbd")
 RBD_KEYS = ("pool", "image", "namespace", "snapshot", "ceph_conf", "client", "keyring",
@@ -38,7 +39,7 @@ RBD_KEYS = ("pool", "image", "namespace", "snapshot", "ceph_conf", "client", "ke
 # leaves them out while they have it (an older ublkd then still reads the
 # state file of a device that does not use them).
 LATER_FIELDS = {"uri": None, "reconnect_timeout": None, "read_only": False, "zero_copy": True,
-                **dict.fromkeys(RBD_KEYS)}
+                "poll_us": 0, **dict.fromkeys(RBD_KEYS)}
 DEFAULT_RECONNECT_TIMEOUT = 60.0
 DEFAULT_CEPH_CONF = "/etc/ceph/ceph.conf"
 DEFAULT_CEPH_CLIENT = "admin"
@@ -56,6 +57,9 @@ MAX_QUEUES = 64
 MAX_QUEUE_DEPTH = 4096
 # The kernel numbers ublk devices below UBLK_MAX_UBLKS (1 << 20, its minor space).
 MAX_DEV_ID = 2**20 - 1
+# A queue thread polls at most this long (100 ms) after a completion before it
+# sleeps; longer only burns CPU after the I/O has stopped.
+MAX_POLL_US = 100_000
 
 NAME_MAX = 64
 _NAME_CHARS = re.compile(r"[A-Za-z0-9_.-]")
@@ -96,6 +100,7 @@ class DeviceConfig:
     reconnect_timeout: float | None = None  # backend "nbd": seconds; 0 = forever
     read_only: bool = False
     zero_copy: bool = True  # backend "file": UBLK_F_AUTO_BUF_REG where the kernel has it
+    poll_us: int = 0  # microseconds a queue thread polls after a completion; 0 = never
     # backend "rbd" (docs/rbd.md): the image, and who opens it
     pool: str | None = None
     image: str | None = None
@@ -307,6 +312,7 @@ def parse_config(name: str, text: str, source: Path) -> DeviceConfig:
         reconnect_timeout=_reconnect_timeout(table, backend, source),
         read_only=_read_only(table, backend, source),
         zero_copy=_zero_copy(table, backend, source),
+        poll_us=_integer(table, "poll_us", 0, MAX_POLL_US, 0, source),
         **_rbd_keys(table, backend, source),
     )
 

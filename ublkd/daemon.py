@@ -611,6 +611,9 @@ class Device:
         connection and waits for start_queues."""
         fetch_op, commit_op = uapi.io_opcodes(self.control.ioctl_encode)
         together = threading.Barrier(self.info.nr_queues)
+        if self.config.poll_us:
+            log.info("%s: queues poll for %d us after each completion before they sleep "
+                     "(poll_us)", self.name, self.config.poll_us)
         user_copy = self.info.flags & uapi.UBLK_F_USER_COPY
         backing_map = backend.shared_mapping() if user_copy else None
         for q_id in range(self.info.nr_queues):
@@ -619,7 +622,7 @@ class Device:
                           need_get_data=bool(self.info.flags & uapi.UBLK_F_NEED_GET_DATA),
                           auto_buf_reg=bool(self.info.flags & uapi.UBLK_F_AUTO_BUF_REG),
                           backing_map=backing_map,
-                          fetch_together=together)
+                          fetch_together=together, poll_us=self.config.poll_us)
             self.queues.append(queue)
             queue.start()
         for queue in self.queues:

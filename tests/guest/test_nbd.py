@@ -12,8 +12,8 @@ import re
 import pytest
 
 from tests.guest.serving import (FioThroughExt4, device_status, kill_and_wait_live,
-                                 serve_without_library, show, start, upgrade_under_fio,
-                                 write_config)
+                                 serve_without_library, served_state, show, start, ublkd,
+                                 upgrade_under_fio, write_config)
 
 RUN = "/run/ublkd-test-nbd"
 IMAGES = "/var/tmp/ublkd-test-nbd"
@@ -200,6 +200,51 @@ def test_past_reconnect_timeout_io_fails_and_the_daemon_stays(systemd_guest, ser
     server.start()
     guest.run(f"for i in $(seq 100); do timeout 10 dd if={dev} of=/dev/null bs=4k count=1 "
               f"iflag=direct status=none && exit 0; sleep 0.1; done; exit 1", timeout=120)
+
+
+def sleeps_per_request(guest, unit: str, dev: str) -> float:
+    """Voluntary context switches of the unit's threads (what `pidstat -w`
+    counts: a thread that went to sleep) per request of a verified 4k write
+    job at iodepth 1."""
+    cgroup = "/sys/fs/cgroup" + show(guest, unit, "ControlGroup")["ControlGroup"]
+    count = (f"for p in $(cat {cgroup}/cgroup.procs); do cat /proc/$p/task/*/status; done "
+             f"2>/dev/null | awk '/^voluntary_ctxt_switches/ {{s += $2}} END {{print s}}'")
+    before = int(guest.run(count).stdout)
+    guest.run(f"timeout 300 fio --name=qd1 --filename={dev} --rw=randwrite --bs=4k --size=8M "
+              f"--ioengine=psync --direct=1 --verify=crc32c --verify_fatal=1", timeout=330)
+    requests = 2 * 8 * 256  # each block written, then read back
+    return (int(guest.run(count).stdout) - before) / requests
+
+
+def cpu_seconds(guest, unit: str) -> float:
+    cgroup = "/sys/fs/cgroup" + show(guest, unit, "ControlGroup")["ControlGroup"]
+    return int(guest.run(f"awk '/^usage_usec/ {{print $2}}' {cgroup}/cpu.stat").stdout) / 1e6
+
+
+def test_poll_us_keeps_queues_awake_while_io_flows_and_asleep_when_idle(systemd_guest,
+                                                                       servers, journal,
+                                                                       report):
+    """Without poll_us the queue thread sleeps for each request; with it
+    (taken by `ublkd upgrade`, the device kept) it does not, and it stops
+    polling once the I/O stops: an idle device costs no CPU."""
+    guest = systemd_guest
+    config = f'backend = "nbd"\nuri = "{nbdkit_memory(guest, "64M")}"\n'
+    status = start(guest, "polled", config)
+    asleep = sleeps_per_request(guest, "ublkd@polled", status["device"])
+    assert asleep >= 0.5, f"{asleep:.2f} sleeps per request without polling"
+
+    write_config(guest, "polled", config + "poll_us = 20000\n")
+    ublkd(guest, "upgrade", "polled", timeout=180)
+    assert "queues poll for 20000 us" in journal.of("ublkd@polled")
+    awake = sleeps_per_request(guest, "ublkd@polled", status["device"])
+    assert awake < 0.1, f"{awake:.2f} sleeps per request with poll_us = 20000"
+    report(f"nbd poll_us: {asleep:.2f} sleeps per request without, {awake:.3f} with 20000")
+
+    idle_start = cpu_seconds(guest, "ublkd@polled")
+    guest.run("sleep 5")
+    idle = cpu_seconds(guest, "ublkd@polled") - idle_start
+    assert idle < 1.0, f"the daemon used {idle:.1f} s of CPU in 5 s with no I/O"
+    assert served_state(guest, "polled")["device"] == status["device"]
 
 
 def test_an_export_over_tcp_is_reached_through_the_generators_drop_in(systemd_guest, servers):

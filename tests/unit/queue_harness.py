@@ -18,13 +18,15 @@ NOT_A_UBLK_DEVICE = -errno.EOPNOTSUPP  # what a regular file answers to the comm
 
 
 class Harness:
-    def __init__(self, char_fd: int, get_data_op: int | None = None, user_copy: bool = False):
-        self.ring = Ring(4 * DEPTH)
+    def __init__(self, char_fd: int, get_data_op: int | None = None, user_copy: bool = False,
+                 poll_us: int = 0):
+        # single_issuer: the flags of the daemon's queue rings (COOP_TASKRUN, TASKRUN_FLAG)
+        self.ring = Ring(4 * DEPTH, single_issuer=True)
         self.descriptors = bytearray(DEPTH * 24)
         self.buffers = mmap.mmap(-1, DEPTH * BUFFER)
         self.scratch = bytearray(16)
         self.loop = QueueLoop(self.ring, 0, DEPTH, self.buffers, BUFFER, COMMIT_OP, get_data_op,
-                              user_copy=user_copy)
+                              user_copy=user_copy, poll_us=poll_us)
         self.loop.attach(char_fd, self.descriptors)
 
     def request(self, tag: int, op: int, sector: int, sectors: int) -> None:

@@ -18,6 +18,7 @@ from ublkd.errors import ConfigError
 SOURCE = Path("/etc/ublkd/vol0.toml")
 FILE_BACKEND = 'backend = "file"\npath = "/srv/vol0.img"\n'
 NULL_BACKEND = 'backend = "null"\nsize = "1GiB"\n'
+NBD_BACKEND = 'backend = "nbd"\nuri = "nbd+unix:///vol?socket=/run/nbd/vol0.sock"\n'
 
 
 def parse(text: str) -> DeviceConfig:
@@ -114,6 +115,9 @@ def test_tables_are_unknown_keys():
     ("recovery", '"fast"', "is not allowed", 'use "reissue", "abort", "fail_io" or "none"'),
     ("recovery", "1", "is an integer", 'use "reissue", "abort", "fail_io" or "none"'),
     ("on_give_up", '"restart"', "is not allowed", 'use "keep" or "delete"'),
+    ("poll_us", "-1", "is out of range", "use an integer from 0 to 100000"),
+    ("poll_us", "100001", "is out of range", "use an integer from 0 to 100000"),
+    ("poll_us", "0.5", "is a float", "use an integer from 0 to 100000"),
 ])
 def test_bad_values_name_key_value_and_what_is_allowed(key, value, problem, allowed):
     message = config_error(NULL_BACKEND + f"{key} = {value}\n")
@@ -206,7 +210,8 @@ def test_load_config_refuses_a_bad_name_before_touching_files(tmp_path):
         load_config("../" + tmp_path.name + "/x", tmp_path)
 
 
-@pytest.mark.parametrize("text", [FILE_BACKEND, NULL_BACKEND + "id = 3\n"])
+@pytest.mark.parametrize("text", [FILE_BACKEND, NULL_BACKEND + "id = 3\n",
+                                  NBD_BACKEND + "poll_us = 2000\n"])
 def test_dict_round_trip_through_json(text):
     parsed = parse(text)
     data = json.loads(json.dumps(parsed.to_dict()))
@@ -318,9 +323,6 @@ def owner_of(path: Path) -> str:
     return f"uid {uid} ({pwd.getpwuid(uid).pw_name})"
 
 
-NBD_BACKEND = 'backend = "nbd"\nuri = "nbd+unix:///vol?socket=/run/nbd/vol0.sock"\n'
-
-
 def test_nbd_backend_defaults():
     parsed = parse(NBD_BACKEND)
     assert (parsed.backend, parsed.uri, parsed.reconnect_timeout, parsed.read_only,
@@ -382,6 +384,12 @@ def test_bad_reconnect_timeouts(value, problem):
     assert problem in message and "0: hold I/O until the server is back" in message
 
 
+@pytest.mark.parametrize("text", [FILE_BACKEND, NULL_BACKEND, NBD_BACKEND])
+def test_poll_us_is_off_unless_set_and_takes_every_backend(text):
+    assert parse(text).poll_us == 0
+    assert parse(text + "poll_us = 1000\n").poll_us == 1000
+
+
 def test_read_only_is_a_boolean():
     assert parse(NBD_BACKEND + "read_only = true\n").read_only is True
     assert "key 'read_only' = 1 is an integer; use true or false" in config_error(
@@ -396,7 +404,7 @@ def test_nbd_config_round_trips_through_json():
 def test_state_files_of_ublkd_0_1_lack_the_nbd_fields_and_still_load():
     data = parse(FILE_BACKEND).to_dict()
     data.pop("zero_copy", None)
-    assert not {"uri", "reconnect_timeout", "read_only", "pool", "image"} & set(data)
+    assert not {"uri", "reconnect_timeout", "read_only", "pool", "image", "poll_us"} & set(data)
     assert DeviceConfig.from_dict(data) == parse(FILE_BACKEND)
 
 

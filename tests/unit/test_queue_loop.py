@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import mmap
 import os
+import threading
 import time
 
 import pytest
@@ -113,6 +114,73 @@ def test_serve_returns_when_idle(harness):
     start = time.monotonic()
     assert harness.loop.serve(0.05) == []
     assert time.monotonic() - start < 2
+
+
+@pytest.fixture
+def polling(files):
+    """A loop that polls for 3 s after each completion: far longer than any
+    step of these tests, so a sleep can only mean the polling missed one."""
+    h = Harness(files[0], poll_us=3_000_000)
+    h.loop.use_null_backend()
+    yield h
+    h.close()
+
+
+@pytest.mark.parametrize("poll_us", [0, 3_000_000])
+def test_a_polling_loop_finds_the_next_request_without_sleeping(files, poll_us):
+    h = Harness(files[0], poll_us=poll_us)
+    try:
+        h.loop.use_null_backend()
+        h.request(0, uapi.UBLK_IO_OP_READ, 0, 8)
+        assert h.events(1) == [(0, NOT_A_UBLK_DEVICE)]
+        waits = h.loop.stats["waits"]
+        h.request(1, uapi.UBLK_IO_OP_WRITE, 0, 8)
+        assert h.events(1) == [(1, NOT_A_UBLK_DEVICE)]
+        slept = h.loop.stats["waits"] - waits
+        assert (slept == 0) if poll_us else (slept >= 1)
+    finally:
+        h.close()
+
+
+def test_polling_sees_completions_the_kernel_posts_from_task_work(polling):
+    """A pipe read completes by task work, which runs only when this thread
+    enters the kernel (COOP_TASKRUN): the polling must get it posted without
+    falling asleep.  (The TASKRUN flag makes that prompt; a timer tick would
+    also do it, in milliseconds, so this does not tell the two apart.)"""
+    polling.ring.prep_nop(DEPTH)  # any completion starts the polling
+    assert polling.events(1) == [(DEPTH, 0)]
+    read_end, write_end = os.pipe()
+    byte = bytearray(1)
+    try:
+        polling.ring.prep_read(read_end, buffer_address(byte), 1, 0, DEPTH + 1)
+        writer = threading.Timer(0.2, os.write, (write_end, b"x"))
+        writer.start()
+        before = polling.loop.stats
+        assert polling.events(1) == [(DEPTH + 1, 1)]
+        writer.join()
+        assert byte == b"x"
+        assert polling.loop.stats["waits"] == before["waits"]
+        assert polling.loop.stats["polled"] == before["polled"] + 1
+    finally:
+        os.close(read_end)
+        os.close(write_end)
+
+
+def test_a_polling_loop_sleeps_once_nothing_comes(files):
+    """The idle policy: polling ends poll_us after the last completion, and
+    an idle device then costs no CPU."""
+    h = Harness(files[0], poll_us=100_000)
+    try:
+        h.loop.use_null_backend()
+        h.request(0, uapi.UBLK_IO_OP_READ, 0, 8)
+        assert h.events(1) == [(0, NOT_A_UBLK_DEVICE)]
+        waits = h.loop.stats["waits"]
+        cpu = time.thread_time()
+        assert h.loop.serve(1.0) == []
+        assert h.loop.stats["waits"] == waits + 1
+        assert time.thread_time() - cpu < 0.6  # about 0.1 s of polling, then asleep
+    finally:
+        h.close()
 
 
 def test_a_request_larger_than_its_buffer_fails_without_touching_memory(harness, files):

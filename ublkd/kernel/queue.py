@@ -50,7 +50,7 @@ class Queue:
                  backend: Backend, fetch_op: int, commit_op: int,
                  need_get_data: bool = False, auto_buf_reg: bool = False,
                  backing_map: mmap.mmap | None = None,
-                 fetch_together: threading.Barrier | None = None):
+                 fetch_together: threading.Barrier | None = None, poll_us: int = 0):
         self.char_fd = -1  # /dev/ublkcN, from attach
         self.q_id = q_id
         self.depth = depth
@@ -68,6 +68,8 @@ class Queue:
         # Every queue of the device sends its FETCHes at the same moment (see
         # _fetch_every_tag): shared by the device's queues, None alone.
         self.fetch_together = fetch_together
+        # Poll this long after each completion before sleeping (config poll_us).
+        self.poll_us = poll_us
         self.prepared = threading.Event()  # ring and backend ready, waiting for attach
         self.attached = threading.Event()  # attach (or leave) was called
         self.fetching = threading.Event()  # every tag fetched: the queue is ready
@@ -152,7 +154,8 @@ class Queue:
                 get_data_op = need_get_data_opcode(self.commit_op) if self.need_get_data else None
                 loop = QueueLoop(ring, self.q_id, self.depth, buffers, self.buffer_size,
                                  self.commit_op, get_data_op, auto_buf_reg=self.auto_buf_reg,
-                                 user_copy=self.backing_map is not None)
+                                 user_copy=self.backing_map is not None,
+                                 poll_us=self.poll_us)
                 fast = self.backend.fast_path()
                 try:
                     if fast is not None and not fast.connects:

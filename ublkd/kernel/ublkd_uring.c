@@ -633,6 +633,101 @@ static int ublkd_queue_handle(struct ublkd_queue *q, uint64_t now)
 	return ret;
 }
 
+/* ---- Polling instead of sleeping (poll_us) ----------------------------
+ *
+ * A request at iodepth 1 crosses this thread twice: the kernel hands it
+ * over, the backend answers it.  Each time a sleeping thread must be woken
+ * and scheduled, which in the guest costs about as much as the backend's
+ * own work (docs/performance.md, "A third look at NBD").  With poll_ns set,
+ * the thread keeps looking for the next completion for that long after
+ * the last one, and sleeps only once nothing came: a vCPU per queue while
+ * I/O flows, nothing on an idle device.
+ *
+ * Looking costs no system call.  Most completions (a ublk request, a poll
+ * on a socket, an eventfd read) are posted by task work that runs only
+ * when this thread enters the kernel; with IORING_SETUP_TASKRUN_FLAG the
+ * kernel says in the SQ ring's flags when there is some, and only then
+ * we enter.  A ring without that flag enters every turn.
+ */
+
+static inline void ublkd_cpu_relax(void)
+{
+#if defined(__x86_64__) || defined(__i386__)
+	__builtin_ia32_pause();
+#elif defined(__aarch64__)
+	__asm__ __volatile__("yield" ::: "memory");
+#else
+	__asm__ __volatile__("" ::: "memory");
+#endif
+}
+
+/* Submit what is queued, then look for a completion until `until`: 1 when
+ * one is ready, 0 when none came, negative errno if the ring fails. */
+static int ublkd_queue_poll(struct ublkd_queue *q, uint64_t until)
+{
+	struct io_uring *ring = q->ring;
+	unsigned enter_flags = IORING_SQ_TASKRUN | IORING_SQ_CQ_OVERFLOW;
+	unsigned turns = 0;
+	int ret;
+
+	if (!(ring->flags & IORING_SETUP_TASKRUN_FLAG))
+		enter_flags = ~0U;	/* no word from the kernel: always enter */
+	if (io_uring_sq_ready(ring)) {
+		ret = io_uring_submit(ring);
+		if (ret < 0)
+			return ret;
+		ublkd_free_released(q);
+	}
+	while (!io_uring_cq_ready(ring)) {
+		if (!(++turns & 63) && ublkd_now_ns() >= until)
+			return 0;
+		if (IO_URING_READ_ONCE(*ring->sq.kflags) & enter_flags) {
+			ret = io_uring_get_events(ring);
+			if (ret < 0 && ret != -EINTR && ret != -EAGAIN && ret != -EBUSY)
+				return ret;
+		} else {
+			ublkd_cpu_relax();
+		}
+	}
+	q->nr_polled++;
+	return 1;
+}
+
+/* Nanoseconds the next sleep in io_uring_enter may last. */
+static int64_t ublkd_queue_wait_left(const struct ublkd_queue *q, uint64_t now,
+				     uint64_t deadline, int64_t wait_ns)
+{
+	int64_t left = (int64_t)(deadline - now);
+
+	if (left > wait_ns)
+		left = wait_ns;
+	if (q->nbd_wait_ns && left > q->nbd_wait_ns)
+		left = q->nbd_wait_ns;
+	return left < 0 ? 0 : left;
+}
+
+/* Sleep in io_uring_enter until a completion comes or `left` ns pass,
+ * submitting what is queued: 0, -ETIME, or negative errno if the ring fails. */
+static int ublkd_queue_sleep(struct ublkd_queue *q, int64_t left)
+{
+	struct __kernel_timespec ts = {
+		.tv_sec = left / 1000000000,
+		.tv_nsec = left % 1000000000,
+	};
+	struct io_uring_cqe *cqe;
+	int ret;
+
+	q->nr_waits++;
+	ret = io_uring_submit_and_wait_timeout(q->ring, &cqe, 1, &ts, NULL);
+	if (ret == -EINTR || ret > 0)
+		ret = 0;
+	if (ret < 0 && ret != -ETIME)
+		return ret;
+	/* What was committed before this enter has been submitted by it. */
+	ublkd_free_released(q);
+	return ret;
+}
+
 /* Serve until Python has events to handle (returns how many), nothing came
  * for wait_ns, budget_ns passed, or a hand-over has nothing left in flight
  * (returns 0); negative errno if the ring fails.  Events are in
@@ -641,9 +736,6 @@ int ublkd_queue_serve(struct ublkd_queue *q, int64_t wait_ns, int64_t budget_ns)
 {
 	uint64_t now = ublkd_now_ns();
 	uint64_t deadline = now + (uint64_t)budget_ns;
-	struct __kernel_timespec ts;
-	struct io_uring_cqe *cqe;
-	int64_t left;
 	int ret;
 
 	if (!q->ring)
@@ -661,27 +753,22 @@ int ublkd_queue_serve(struct ublkd_queue *q, int64_t wait_ns, int64_t budget_ns)
 			if (ret < 0)
 				return ret;
 		}
-		left = (int64_t)(deadline - now);
-		if (left > wait_ns)
-			left = wait_ns;
-		if (q->nbd_wait_ns && left > q->nbd_wait_ns)
-			left = q->nbd_wait_ns;
-		if (left < 0)
-			left = 0;
-		ts.tv_sec = left / 1000000000;
-		ts.tv_nsec = left % 1000000000;
-		q->nr_waits++;
-		ret = io_uring_submit_and_wait_timeout(q->ring, &cqe, 1, &ts, NULL);
-		if (ret < 0 && ret != -ETIME && ret != -EINTR)
+		ret = 0;
+		if (q->poll_ns > 0 && now < q->poll_until) {
+			ret = ublkd_queue_poll(q, q->poll_until < deadline ? q->poll_until : deadline);
+			now = ublkd_now_ns();
+		}
+		if (ret == 0)
+			ret = ublkd_queue_sleep(q, ublkd_queue_wait_left(q, now, deadline, wait_ns));
+		if (ret < 0 && ret != -ETIME)
 			return ret;
-		/* What was committed before this enter has been submitted by it. */
-		ublkd_free_released(q);
 		now = ublkd_now_ns();
 		if (io_uring_cq_ready(q->ring)) {
 			int err = ublkd_queue_handle(q, now);
 
 			if (err < 0)
 				return err;
+			q->poll_until = now + (uint64_t)q->poll_ns;
 		} else if (ret == -ETIME) {
 			return q->ev_n;	/* idle for wait_ns */
 		}

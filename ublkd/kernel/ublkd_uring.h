@@ -93,6 +93,11 @@ struct ublkd_queue {
 	uint64_t nr_python;	/* events handed to Python */
 	uint64_t nr_waits;	/* io_uring_enter calls */
 	uint64_t nr_get_data;	/* NEED_GET_DATA round trips */
+	uint64_t nr_polled;	/* completions found by polling, not by a wait */
+	/* poll_us (docs/performance.md, "Polling"): after a completion, look
+	 * for the next one for poll_ns before sleeping in io_uring_enter */
+	int64_t poll_ns;
+	uint64_t poll_until;	/* CLOCK_MONOTONIC ns the polling ends */
 	/* nbd backend (ublkd_nbd.c): this queue's own connection */
 	struct nbd_handle *nbd;
 	int nbd_fd;

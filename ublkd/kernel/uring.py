@@ -32,16 +32,19 @@ except ImportError as exc:  # pragma: no cover - depends on the build
 SETUP_SQE128 = lib.IORING_SETUP_SQE128
 SETUP_COOP_TASKRUN = lib.IORING_SETUP_COOP_TASKRUN
 SETUP_SINGLE_ISSUER = lib.IORING_SETUP_SINGLE_ISSUER
+SETUP_TASKRUN_FLAG = lib.IORING_SETUP_TASKRUN_FLAG
 
 # Tried in this order for single-issuer rings; a kernel that lacks a flag
-# says EINVAL and the next, smaller set is tried.  Not DEFER_TASKRUN, which
+# says EINVAL and the next, smaller set is tried.  TASKRUN_FLAG lets a
+# polling queue loop see without a system call that the kernel has
+# completions to post (ublkd_uring.c, "Polling").  Not DEFER_TASKRUN, which
 # ublksrv adds: with it the kernel took 13-71 ms instead of 7-25 ms, after a
 # hand-over's old worker exited, to let go of /dev/ublkcN (the successor's
 # START_USER_RECOVERY waits for that), and no fio job was measurably faster
 # (docs/performance.md, "A sixth look").
 SINGLE_ISSUER_FALLBACKS = (
-    SETUP_COOP_TASKRUN | SETUP_SINGLE_ISSUER,  # 6.0
-    SETUP_COOP_TASKRUN,  # 5.19
+    SETUP_COOP_TASKRUN | SETUP_TASKRUN_FLAG | SETUP_SINGLE_ISSUER,  # 6.0
+    SETUP_COOP_TASKRUN | SETUP_TASKRUN_FLAG,  # 5.19
     0,
 )
 
@@ -72,8 +75,8 @@ class Ring:
 
     ``sqe128``: 128-byte SQEs, which ublk control commands require.
     ``single_issuer``: the thread that creates the ring is the only one that
-    submits to it; then COOP_TASKRUN | SINGLE_ISSUER are tried (less where
-    the kernel lacks them).
+    submits to it; then COOP_TASKRUN | TASKRUN_FLAG | SINGLE_ISSUER are
+    tried (less where the kernel lacks them).
     """
 
     def __init__(self, entries: int, *, sqe128: bool = False, single_issuer: bool = False):
@@ -315,11 +318,14 @@ class QueueLoop:
     With ``user_copy`` (UBLK_F_USER_COPY) no buffer is used either: the file
     backend, given the backing file's mapping, moves each request's data
     with one pread/pwrite on /dev/ublkcN.
+    With ``poll_us`` the loop keeps looking for the next completion for that
+    many microseconds after each one before it sleeps: lower latency at low
+    queue depth for a CPU that spins while I/O flows (config key poll_us).
     """
 
     def __init__(self, ring: Ring, q_id: int, depth: int, buffers: Any, buffer_size: int,
                  commit_op: int, get_data_op: int | None = None, auto_buf_reg: bool = False,
-                 user_copy: bool = False):
+                 user_copy: bool = False, poll_us: int = 0):
         self._closed = False
         self._ring = ring
         self.depth = depth
@@ -354,6 +360,7 @@ class QueueLoop:
         q.auto_buf_reg = int(auto_buf_reg)
         q.user_copy = int(user_copy)
         q.char_raw_fd = -1
+        q.poll_ns = poll_us * 1000
         self._slots = [ffi.new("int32_t[]", depth) for _ in range(3)]
         q.slot, q.free_slots, q.released = self._slots
         lib.ublkd_queue_init_slots(q)
@@ -473,10 +480,11 @@ class QueueLoop:
 
     @property
     def stats(self) -> dict[str, int]:
-        """Counters: requests served in C, events handed to Python, ring waits."""
+        """Counters: requests served in C, events handed to Python, ring waits
+        (sleeps in io_uring_enter), completions found by polling instead."""
         q = self._q
         return {"served": q.nr_io, "events": q.nr_python, "waits": q.nr_waits,
-                "get_data": q.nr_get_data}
+                "get_data": q.nr_get_data, "polled": q.nr_polled}
 
     def use_nbd_backend(self, uri: str, name: str, reconnect_timeout: float) -> str | None:
         """Serve every request on this queue's own connection to the NBD server
