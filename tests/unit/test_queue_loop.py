@@ -166,6 +166,22 @@ def test_polling_sees_completions_the_kernel_posts_from_task_work(polling):
         os.close(write_end)
 
 
+def test_with_two_requests_in_the_server_the_loop_sleeps_instead_of_polling(files):
+    """Polling pays for one request alone; with more in flight the CPU is
+    left to the server."""
+    h = Harness(files[0], poll_us=3_000_000)
+    try:
+        h.request(0, uapi.UBLK_IO_OP_READ, 0, 8)
+        h.request(1, uapi.UBLK_IO_OP_READ, 8, 8)
+        assert h.events(2) == [(0, uapi.UBLK_IO_RES_OK), (1, uapi.UBLK_IO_RES_OK)]
+        assert h.loop.busy == 2  # both with Python, the backend here
+        cpu = time.thread_time()
+        assert h.loop.serve(0.5) == []
+        assert time.thread_time() - cpu < 0.25  # asleep, not polling for the 0.5 s
+    finally:
+        h.close()
+
+
 def test_a_polling_loop_sleeps_once_nothing_comes(files):
     """The idle policy: polling ends poll_us after the last completion, and
     an idle device then costs no CPU."""

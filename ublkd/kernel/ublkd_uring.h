@@ -6,6 +6,7 @@
 #define UBLKD_URING_H
 
 #include <errno.h>
+#include <sched.h>
 #include <stdint.h>
 #include <time.h>
 #include <unistd.h>
