@@ -769,7 +769,8 @@ int ublkd_queue_serve(struct ublkd_queue *q, int64_t wait_ns, int64_t budget_ns)
 		ret = 0;
 		if (q->poll_ns > 0 && now < q->poll_until && q->busy <= 1) {
 			ret = ublkd_queue_poll(q, q->poll_until < deadline ? q->poll_until : deadline);
-			now = ublkd_now_ns();
+			if (ret == 0)
+				now = ublkd_now_ns();	/* the sleep's time left counts from here */
 		}
 		if (ret == 0)
 			ret = ublkd_queue_sleep(q, ublkd_queue_wait_left(q, now, deadline, wait_ns));

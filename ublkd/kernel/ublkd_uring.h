@@ -92,7 +92,7 @@ struct ublkd_queue {
 	unsigned ev_n;
 	uint64_t nr_io;		/* requests answered without Python */
 	uint64_t nr_python;	/* events handed to Python */
-	uint64_t nr_waits;	/* io_uring_enter calls */
+	uint64_t nr_waits;	/* sleeps in io_uring_enter */
 	uint64_t nr_get_data;	/* NEED_GET_DATA round trips */
 	uint64_t nr_polled;	/* completions found by polling, not by a wait */
 	/* poll_us (docs/performance.md, "Polling"): after a completion, look
