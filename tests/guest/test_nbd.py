@@ -202,11 +202,15 @@ def test_past_reconnect_timeout_io_fails_and_the_daemon_stays(systemd_guest, ser
               f"iflag=direct status=none && exit 0; sleep 0.1; done; exit 1", timeout=120)
 
 
+def unit_cgroup(guest, unit: str) -> str:
+    return "/sys/fs/cgroup" + show(guest, unit, "ControlGroup")["ControlGroup"]
+
+
 def sleeps_per_request(guest, unit: str, dev: str) -> float:
     """Voluntary context switches of the unit's threads (what `pidstat -w`
     counts: a thread that went to sleep) per request of a verified 4k write
     job at iodepth 1."""
-    cgroup = "/sys/fs/cgroup" + show(guest, unit, "ControlGroup")["ControlGroup"]
+    cgroup = unit_cgroup(guest, unit)
     count = (f"for p in $(cat {cgroup}/cgroup.procs); do cat /proc/$p/task/*/status; done "
              f"2>/dev/null | awk '/^voluntary_ctxt_switches/ {{s += $2}} END {{print s}}'")
     before = int(guest.run(count).stdout)
@@ -217,8 +221,8 @@ def sleeps_per_request(guest, unit: str, dev: str) -> float:
 
 
 def cpu_seconds(guest, unit: str) -> float:
-    cgroup = "/sys/fs/cgroup" + show(guest, unit, "ControlGroup")["ControlGroup"]
-    return int(guest.run(f"awk '/^usage_usec/ {{print $2}}' {cgroup}/cpu.stat").stdout) / 1e6
+    cpu_stat = f"{unit_cgroup(guest, unit)}/cpu.stat"
+    return int(guest.run(f"awk '/^usage_usec/ {{print $2}}' {cpu_stat}").stdout) / 1e6
 
 
 def test_poll_us_keeps_queues_awake_while_io_flows_and_asleep_when_idle(systemd_guest,

@@ -25,3 +25,17 @@ def harness(files):
     h = Harness(files[0])
     yield h
     h.close()
+
+
+@pytest.fixture
+def harnesses(files):
+    """make(**options): a Harness with those options, closed after the test."""
+    made: list[Harness] = []
+
+    def make(**options) -> Harness:
+        made.append(Harness(files[0], **options))
+        return made[-1]
+
+    yield make
+    for h in made:
+        h.close()

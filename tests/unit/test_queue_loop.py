@@ -117,29 +117,25 @@ def test_serve_returns_when_idle(harness):
 
 
 @pytest.fixture
-def polling(files):
+def polling(harnesses):
     """A loop that polls for 3 s after each completion: far longer than any
     step of these tests, so a sleep can only mean the polling missed one."""
-    h = Harness(files[0], poll_us=3_000_000)
+    h = harnesses(poll_us=3_000_000)
     h.loop.use_null_backend()
-    yield h
-    h.close()
+    return h
 
 
 @pytest.mark.parametrize("poll_us", [0, 3_000_000])
-def test_a_polling_loop_finds_the_next_request_without_sleeping(files, poll_us):
-    h = Harness(files[0], poll_us=poll_us)
-    try:
-        h.loop.use_null_backend()
-        h.request(0, uapi.UBLK_IO_OP_READ, 0, 8)
-        assert h.events(1) == [(0, NOT_A_UBLK_DEVICE)]
-        waits = h.loop.stats["waits"]
-        h.request(1, uapi.UBLK_IO_OP_WRITE, 0, 8)
-        assert h.events(1) == [(1, NOT_A_UBLK_DEVICE)]
-        slept = h.loop.stats["waits"] - waits
-        assert (slept == 0) if poll_us else (slept >= 1)
-    finally:
-        h.close()
+def test_a_polling_loop_finds_the_next_request_without_sleeping(harnesses, poll_us):
+    h = harnesses(poll_us=poll_us)
+    h.loop.use_null_backend()
+    h.request(0, uapi.UBLK_IO_OP_READ, 0, 8)
+    assert h.events(1) == [(0, NOT_A_UBLK_DEVICE)]
+    waits = h.loop.stats["waits"]
+    h.request(1, uapi.UBLK_IO_OP_WRITE, 0, 8)
+    assert h.events(1) == [(1, NOT_A_UBLK_DEVICE)]
+    slept = h.loop.stats["waits"] - waits
+    assert (slept == 0) if poll_us else (slept >= 1)
 
 
 def test_polling_sees_completions_the_kernel_posts_from_task_work(polling):
@@ -166,37 +162,31 @@ def test_polling_sees_completions_the_kernel_posts_from_task_work(polling):
         os.close(write_end)
 
 
-def test_with_two_requests_in_the_server_the_loop_sleeps_instead_of_polling(files):
+def test_with_two_requests_in_the_server_the_loop_sleeps_instead_of_polling(harnesses):
     """Polling pays for one request alone; with more in flight the CPU is
     left to the server."""
-    h = Harness(files[0], poll_us=3_000_000)
-    try:
-        h.request(0, uapi.UBLK_IO_OP_READ, 0, 8)
-        h.request(1, uapi.UBLK_IO_OP_READ, 8, 8)
-        assert h.events(2) == [(0, uapi.UBLK_IO_RES_OK), (1, uapi.UBLK_IO_RES_OK)]
-        assert h.loop.busy == 2  # both with Python, the backend here
-        cpu = time.thread_time()
-        assert h.loop.serve(0.5) == []
-        assert time.thread_time() - cpu < 0.25  # asleep, not polling for the 0.5 s
-    finally:
-        h.close()
+    h = harnesses(poll_us=3_000_000)
+    h.request(0, uapi.UBLK_IO_OP_READ, 0, 8)
+    h.request(1, uapi.UBLK_IO_OP_READ, 8, 8)
+    assert h.events(2) == [(0, uapi.UBLK_IO_RES_OK), (1, uapi.UBLK_IO_RES_OK)]
+    assert h.loop.busy == 2  # both with Python, the backend here
+    cpu = time.thread_time()
+    assert h.loop.serve(0.5) == []
+    assert time.thread_time() - cpu < 0.25  # asleep, not polling for the 0.5 s
 
 
-def test_a_polling_loop_sleeps_once_nothing_comes(files):
+def test_a_polling_loop_sleeps_once_nothing_comes(harnesses):
     """The idle policy: polling ends poll_us after the last completion, and
     an idle device then costs no CPU."""
-    h = Harness(files[0], poll_us=100_000)
-    try:
-        h.loop.use_null_backend()
-        h.request(0, uapi.UBLK_IO_OP_READ, 0, 8)
-        assert h.events(1) == [(0, NOT_A_UBLK_DEVICE)]
-        waits = h.loop.stats["waits"]
-        cpu = time.thread_time()
-        assert h.loop.serve(1.0) == []
-        assert h.loop.stats["waits"] == waits + 1
-        assert time.thread_time() - cpu < 0.6  # about 0.1 s of polling, then asleep
-    finally:
-        h.close()
+    h = harnesses(poll_us=100_000)
+    h.loop.use_null_backend()
+    h.request(0, uapi.UBLK_IO_OP_READ, 0, 8)
+    assert h.events(1) == [(0, NOT_A_UBLK_DEVICE)]
+    waits = h.loop.stats["waits"]
+    cpu = time.thread_time()
+    assert h.loop.serve(1.0) == []
+    assert h.loop.stats["waits"] == waits + 1
+    assert time.thread_time() - cpu < 0.6  # about 0.1 s of polling, then asleep
 
 
 def test_a_request_larger_than_its_buffer_fails_without_touching_memory(harness, files):
