@@ -21,13 +21,6 @@ def files(tmp_path):
 
 
 @pytest.fixture
-def harness(files):
-    h = Harness(files[0])
-    yield h
-    h.close()
-
-
-@pytest.fixture
 def harnesses(files):
     """make(**options): a Harness with those options, closed after the test."""
     made: list[Harness] = []
@@ -39,3 +32,8 @@ def harnesses(files):
     yield make
     for h in made:
         h.close()
+
+
+@pytest.fixture
+def harness(harnesses):
+    return harnesses()

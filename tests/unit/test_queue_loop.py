@@ -247,10 +247,8 @@ GET_DATA_OP = 0xC0107522
 
 
 @pytest.fixture
-def pooled(files):
-    h = Harness(files[0], get_data_op=GET_DATA_OP)
-    yield h
-    h.close()
+def pooled(harnesses):
+    return harnesses(get_data_op=GET_DATA_OP)
 
 
 def kernel_asks_for_data(h: Harness, tag: int, sectors: int, data_fd: int) -> None:
@@ -338,11 +336,7 @@ def test_user_copy_moves_data_between_the_mapped_file_and_the_char_device(files)
         mapping.close()  # closable: the loop released it
 
 
-def test_a_user_copy_loop_needs_the_mapping(files):
-    char, backing = files
-    harness = Harness(char, user_copy=True)
-    try:
-        with pytest.raises(ValueError, match="mapping"):
-            harness.loop.use_file_backend(backing, inline=True)
-    finally:
-        harness.close()
+def test_a_user_copy_loop_needs_the_mapping(harnesses, files):
+    harness = harnesses(user_copy=True)
+    with pytest.raises(ValueError, match="mapping"):
+        harness.loop.use_file_backend(files[1], inline=True)
