@@ -71,7 +71,11 @@ def test_introspection_documents_both_interfaces(dbus_guest):
     xml = guest.run("busctl introspect --xml-interface org.ublkd1 /org/ublkd1/Manager").stdout
     assert xml.count('name="org.gtk.GDBus.DocString"') >= 6, xml
     write_config(guest, "vol0", CONFIG)
-    device = guest.run("busctl introspect org.ublkd1 /org/ublkd1/devices/vol0").stdout
+    introspect_device = "busctl introspect org.ublkd1 /org/ublkd1/devices/vol0"
+    # The service publishes a new config's object once its directory watch
+    # fires, a moment after the write (a CI-path run introspected first).
+    wait_in_guest(guest, f"{introspect_device} | grep -q '\\.Name '", 30)
+    device = guest.run(introspect_device).stdout
     for prop in ("Name", "BlockDevice", "Id", "State", "Backend", "Target", "Size",
                  "RecoveryMode", "Generation", "Recoveries", "ServerPid", "UnitActiveState"):
         assert f".{prop} " in device and "emits-change" in device, device
